@@ -1,0 +1,172 @@
+"""The pipeline's configuration: one typed object, parsed once at the entry point.
+
+`PipelineConfig` groups one dataclass per stage. Each stage section round-trips through a plain
+dict (`to_dict` / `from_dict`), which is how it travels as a KFP pipeline parameter. `SEED` is the
+seed notebook's settings; `DEFAULT` is the tuned model that beats the baselines (issue 5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+from components.errors import MtrecError
+
+
+class ConfigError(MtrecError, ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+class _Section:
+    """dict round trip shared by every config section."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)  # type: ignore[call-overload]
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> Self:
+        values = dict(values or {})
+        names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}"
+            )
+        for name, f in names.items():
+            if name in values and isinstance(values[name], list) and "tuple" in str(f.type):
+                values[name] = tuple(values[name])
+        obj = cls(**values)
+        obj.validate()
+        return obj
+
+    def replace(self, **changes: Any) -> Self:
+        obj = dataclasses.replace(self, **changes)  # type: ignore[type-var]
+        obj.validate()
+        return obj
+
+    def validate(self) -> None:  # pragma: no cover - overridden where there is something to check
+        return None
+
+
+@dataclass(frozen=True)
+class PreprocessingConfig(_Section):
+    """Beam preprocessing: split and bad-row policy."""
+
+    test_fraction: float = 0.2  # the seed's 80,000 / 20,000 on ML-100k (exact counts)
+    split_seed: int = 42
+    max_invalid_share: float = 0.0  # fail when more than this share of rows is malformed
+    runner: str = "DirectRunner"  # Prism downloads a binary at run time: name the runner
+
+    def validate(self) -> None:
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if not 0.0 <= self.max_invalid_share <= 1.0:
+            raise ConfigError(f"max_invalid_share must be in [0, 1], got {self.max_invalid_share}")
+
+
+@dataclass(frozen=True)
+class TrainingConfig(_Section):
+    """The multi-task model and its optimisation."""
+
+    embedding_dim: int = 32
+    rating_hidden_units: tuple[int, ...] = (64,)
+    use_bias_terms: bool = True  # learned global, user and movie biases in the rating head
+    embedding_l2: float = 0.0
+    retrieval_weight: float = 1.0
+    ranking_weight: float = 10.0
+    retrieval_loss_reduction: str = "mean"  # the seed sums the in-batch cross-entropy
+    temperature: float = 0.05
+    sampling_correction_weight: float = 2.0  # logQ correction of in-batch negatives (0 = seed)
+    remove_accidental_hits: bool = True
+    optimizer: str = "adam"
+    learning_rate: float = 3e-3
+    batch_size: int = 1024
+    epochs: int = 10
+    shuffle_seed: int = 42
+    top_k: int = 10
+
+    def validate(self) -> None:
+        if self.embedding_dim <= 0:
+            raise ConfigError(f"embedding_dim must be positive, got {self.embedding_dim}")
+        if self.epochs <= 0 or self.batch_size <= 0 or self.top_k <= 0:
+            raise ConfigError("epochs, batch_size and top_k must be positive")
+        if self.retrieval_weight < 0 or self.ranking_weight < 0:
+            raise ConfigError("loss weights must be >= 0")
+        if self.retrieval_weight == 0 and self.ranking_weight == 0:
+            raise ConfigError("at least one of retrieval_weight, ranking_weight must be > 0")
+        if self.optimizer not in ("adam", "adagrad", "sgd"):
+            raise ConfigError(f"optimizer must be adam, adagrad or sgd, got {self.optimizer!r}")
+        if self.retrieval_loss_reduction not in ("sum", "mean"):
+            raise ConfigError("retrieval_loss_reduction must be 'sum' or 'mean'")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+
+
+@dataclass(frozen=True)
+class GateConfig(_Section):
+    """Blessing thresholds. Defaults are ones the default model passes on ML-100k."""
+
+    max_rmse: float = 0.24  # normalised units
+    min_hit_rate: float = 0.15  # hit@10 over 5-star test ratings, seen movies excluded
+    # The candidate must beat each baseline on its metric by this margin (absolute).
+    min_margin_over_baselines: float = 0.0
+    require_beat_baselines: bool = True
+    # Against the previously blessed model in the export location (TFX's change threshold).
+    max_regression_rmse: float = 0.01
+    max_regression_hit_rate: float = 0.02
+
+    def validate(self) -> None:
+        if self.max_rmse <= 0:
+            raise ConfigError(f"max_rmse must be > 0, got {self.max_rmse}")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything one pipeline run needs."""
+
+    data_dir: str = ""  # raw ml-100k folder; empty = tensorflow-datasets
+    output_dir: str = "mtrec-output"
+    model_name: str = "mtrec"
+    preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    gates: GateConfig = field(default_factory=GateConfig)
+
+
+# The seed notebook's settings: joint model, Adagrad(0.1), batch 1000, 5 epochs, summed in-batch loss,
+# rating head Dense(256) -> Dense(128) -> Dense(1), no sampling correction.
+SEED_TRAINING = TrainingConfig(
+    embedding_dim=32,
+    rating_hidden_units=(256, 128),
+    use_bias_terms=False,
+    retrieval_weight=1.0,
+    ranking_weight=1.0,
+    retrieval_loss_reduction="sum",
+    temperature=1.0,
+    sampling_correction_weight=0.0,
+    remove_accidental_hits=False,
+    optimizer="adagrad",
+    learning_rate=0.1,
+    batch_size=1000,
+    epochs=5,
+)
+DEFAULT_TRAINING = TrainingConfig()
+
+TRAINING_PRESETS: dict[str, TrainingConfig] = {"default": DEFAULT_TRAINING, "seed": SEED_TRAINING}
+
+# The seed's three variants: (ranking_weight, retrieval_weight).
+VARIANTS: dict[str, tuple[float, float]] = {
+    "rating-only": (1.0, 0.0),
+    "retrieval-only": (0.0, 1.0),
+    "joint": (1.0, 1.0),
+}
+
+
+def training_preset(name: str) -> TrainingConfig:
+    try:
+        return TRAINING_PRESETS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown preset {name!r}; known: {sorted(TRAINING_PRESETS)}"
+        ) from None

@@ -1,0 +1,45 @@
+"""Column, feature and signature names shared by every stage, the model and the server.
+
+One place, so Beam, tf.data, the Keras model and the serving signatures cannot drift apart.
+"""
+
+# Columns of a rating row after ingestion (and features of a tf.train.Example after preprocessing).
+USER_ID = "user_id"
+MOVIE_ID = "movie_id"
+RATING = "rating"  # normalised to [0, 1]: (stars - 1) / 4
+STARS = "stars"  # the raw 1..5 rating
+TIMESTAMP = "timestamp"
+
+MIN_STARS = 1
+MAX_STARS = 5
+
+# Movie id 0 is the padding row of the embedding table: never a movie.
+PADDING_ID = 0
+
+# Files inside artifacts.
+RATINGS_FILE = "ratings.tsv"  # ingestion output: user \t movie \t stars \t timestamp (u.data format)
+MOVIES_FILE = "movies.tsv"  # ingestion output: movie_id \t title
+INGESTION_REPORT = "ingestion.json"
+TRAIN_SPLIT = "train"
+TEST_SPLIT = "test"
+STATS_FILE = "stats.json"  # preprocessing output: counts and id ranges
+DEAD_LETTER_PREFIX = "dead_letter"
+
+# Serving signatures of the exported SavedModel.
+SIGNATURE_RETRIEVE = "serving_default"  # user_id -> top-k movie_ids, scores (seen movies excluded)
+SIGNATURE_RETRIEVE_ALL = "retrieve_including_seen"  # same, seen movies included (the seed's behaviour)
+SIGNATURE_RANK = "rank"  # (user_id, movie_id) -> rating in [0, 1], stars in [1, 5]
+OUT_MOVIE_IDS = "movie_ids"
+OUT_SCORES = "scores"
+OUT_RATING = "rating"
+OUT_STARS = "stars"
+
+
+def normalise_stars(stars: float) -> float:
+    """Map a 1..5 star rating to [0, 1], as the seed does."""
+    return (stars - MIN_STARS) / (MAX_STARS - MIN_STARS)
+
+
+def denormalise_rating(rating):
+    """Inverse of `normalise_stars` (works on floats and arrays)."""
+    return rating * (MAX_STARS - MIN_STARS) + MIN_STARS

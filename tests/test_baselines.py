@@ -1,0 +1,131 @@
+"""Baselines on small synthetic data with known answers."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from components import baselines
+from components.baselines import (
+    BiasModel,
+    global_mean_predict,
+    popularity_ranking,
+    popularity_top_k,
+)
+
+# Counts: movie 3 x4, movie 1 x3, movie 2 x3, movie 5 x1 (movie 4 never rated).
+TRAIN_USERS = np.array([1, 1, 1, 2, 2, 3, 3, 3, 4, 4, 4])
+TRAIN_MOVIES = np.array([3, 1, 2, 3, 5, 3, 1, 2, 3, 1, 2])
+
+
+def test_popularity_ranking_ties_by_lower_id() -> None:
+    np.testing.assert_array_equal(popularity_ranking(TRAIN_MOVIES), [3, 1, 2, 5])
+
+
+def test_popularity_including_seen() -> None:
+    top = popularity_top_k(TRAIN_USERS, TRAIN_MOVIES, num_rows=6, k=3, exclude_seen=False)
+    assert top.shape == (6, 3)
+    np.testing.assert_array_equal(top, np.tile([3, 1, 2], (6, 1)))
+
+
+def test_popularity_excluding_seen_hand_example() -> None:
+    top = popularity_top_k(TRAIN_USERS, TRAIN_MOVIES, num_rows=6, k=3)
+    expected = np.array(
+        [
+            [3, 1, 2],  # row 0: no training ratings
+            [5, 0, 0],  # user 1 saw 3, 1, 2: only 5 left, pad with 0
+            [1, 2, 0],  # user 2 saw 3, 5
+            [5, 0, 0],
+            [5, 0, 0],
+            [3, 1, 2],  # user 5: no training ratings
+        ]
+    )
+    np.testing.assert_array_equal(top, expected)
+
+
+def test_popularity_never_recommends_padding_or_unrated() -> None:
+    users = np.array([1, 1, 2, 2, 2])
+    movies = np.array([0, 7, 0, 0, 8])  # padding id 0 is the most "rated"
+    top = popularity_top_k(users, movies, num_rows=3, k=2, exclude_seen=False)
+    np.testing.assert_array_equal(top, [[7, 8]] * 3)
+    top = popularity_top_k(users, movies, num_rows=3, k=2)
+    np.testing.assert_array_equal(top, [[7, 8], [8, 0], [7, 0]])
+
+
+def test_popularity_chunked_matches_unchunked(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(1)
+    users = rng.integers(1, 200, size=5_000)
+    movies = np.minimum(rng.zipf(1.3, size=5_000), 300)
+    full = popularity_top_k(users, movies, num_rows=210, k=10)
+    monkeypatch.setattr(baselines, "_CHUNK_CELLS", 50)
+    chunked = popularity_top_k(users, movies, num_rows=210, k=10)
+    np.testing.assert_array_equal(full, chunked)
+    # Reference by brute force.
+    ranking = popularity_ranking(movies)
+    for u in range(210):
+        seen = set(movies[users == u].tolist())
+        ref = [m for m in ranking if m not in seen][:10]
+        ref += [0] * (10 - len(ref))
+        np.testing.assert_array_equal(full[u], ref)
+
+
+def test_popularity_is_fast_at_ml100k_size() -> None:
+    rng = np.random.default_rng(2)
+    users = rng.integers(1, 944, size=80_000)
+    movies = rng.integers(1, 1683, size=80_000)
+    start = time.perf_counter()
+    top = popularity_top_k(users, movies, num_rows=944, k=10)
+    assert time.perf_counter() - start < 0.5
+    assert top.shape == (944, 10)
+    assert not np.any(top[1:] == 0)
+
+
+def test_global_mean() -> None:
+    np.testing.assert_allclose(global_mean_predict(np.array([0.0, 0.5, 1.0, 0.5]), 3), [0.5] * 3)
+    with pytest.raises(ValueError):
+        global_mean_predict(np.array([]), 2)
+
+
+def test_bias_model_recovers_additive_ratings() -> None:
+    rng = np.random.default_rng(3)
+    user_b = rng.normal(0, 0.5, size=30)
+    item_b = rng.normal(0, 0.5, size=40)
+    uu, mm = np.meshgrid(np.arange(1, 30), np.arange(1, 40), indexing="ij")
+    users, movies = uu.ravel(), mm.ravel()
+    keep = rng.random(users.size) < 0.7  # incomplete matrix
+    users, movies = users[keep], movies[keep]
+    ratings = 3.0 + user_b[users] + item_b[movies]
+    model = BiasModel(user_reg=1e-9, item_reg=1e-9, n_sweeps=200, clip_min=None, clip_max=None)
+    model.fit(users, movies, ratings)
+    np.testing.assert_allclose(model.predict(users, movies), ratings, atol=1e-6)
+    # Biases are only identified up to a shift between users and items; differences are exact.
+    np.testing.assert_allclose(np.diff(model.user_bias[1:]), np.diff(user_b[1:]), atol=1e-6)
+
+
+def test_bias_model_unknown_ids_and_clipping() -> None:
+    users = np.array([1, 1, 2, 2])
+    movies = np.array([1, 2, 1, 2])
+    ratings = np.array([1.0, 0.75, 0.5, 0.25])
+    model = BiasModel(user_reg=0.0, item_reg=0.0).fit(users, movies, ratings)
+    pred = model.predict(np.array([99, -1, 1]), np.array([99, 1, 77]))
+    assert pred[0] == pytest.approx(model.mu)
+    assert pred[1] == pytest.approx(model.mu + model.item_bias[1])
+    assert pred[2] == pytest.approx(model.mu + model.user_bias[1])
+    wide = BiasModel(user_reg=0.0, item_reg=0.0, clip_min=None, clip_max=None)
+    raw = wide.fit(users, movies, ratings * 10).predict(users, movies)
+    clipped = BiasModel(user_reg=0.0, item_reg=0.0, clip_min=0.0, clip_max=5.0)
+    capped = clipped.fit(users, movies, ratings * 10).predict(users, movies)
+    np.testing.assert_allclose(capped, np.clip(raw, 0.0, 5.0))
+    assert capped.max() == 5.0
+
+
+def test_bias_model_regularisation_shrinks() -> None:
+    users = np.array([1, 2, 2, 2])
+    movies = np.array([1, 1, 2, 3])
+    ratings = np.array([1.0, 0.0, 0.0, 0.0])
+    loose = BiasModel(user_reg=0.0, item_reg=0.0).fit(users, movies, ratings)
+    tight = BiasModel(user_reg=100.0, item_reg=100.0).fit(users, movies, ratings)
+    assert abs(tight.user_bias[1]) < abs(loose.user_bias[1])
+    assert np.all(np.abs(tight.predict(users, movies) - tight.mu) < 0.02)
