@@ -73,7 +73,7 @@ def popularity_top_k(
         return out
     # Only seen movies inside the user's own prefix matter.
     seen_count = np.bincount(pair_user, minlength=num_rows)
-    order = np.lexsort((pair_pos, pair_user))
+    order = np.argsort(pair_user, kind="stable")  # group pairs by user
     pair_user, pair_pos = pair_user[order], pair_pos[order]
     starts = np.concatenate([[0], np.cumsum(seen_count)])
 
@@ -81,11 +81,13 @@ def popularity_top_k(
     active = active[np.argsort(seen_count[active], kind="stable")]
     i = 0
     while i < active.size:
-        # Users are sorted by seen count, so a chunk's last user needs the widest prefix.
-        rows = max(1, _CHUNK_CELLS // min(n_cand, k + int(seen_count[active[i]])))
+        # Users are sorted by seen count, so a chunk's last user needs the widest prefix: take
+        # the most users whose count * (prefix width of the last one) fits the cell budget.
+        widths = np.minimum(n_cand, k + seen_count[active[i:]])
+        cells = np.arange(1, widths.size + 1) * widths
+        rows = max(1, int(np.searchsorted(cells, _CHUNK_CELLS, side="right")))
         chunk = active[i : i + rows]
-        width = min(n_cand, k + int(seen_count[chunk[-1]]))
-        chunk = chunk[: max(1, _CHUNK_CELLS // width)]
+        width = int(widths[chunk.size - 1])
         seen = np.zeros((chunk.size, width), dtype=bool)
         lens = seen_count[chunk]
         local = np.repeat(np.arange(chunk.size), lens)
@@ -95,12 +97,12 @@ def popularity_top_k(
         pos = pair_pos[idx]
         inside = pos < width
         seen[local[inside], pos[inside]] = True
-        # Stable sort of the mask puts unseen (False) positions first, in ranking order.
-        first = np.argsort(seen, axis=1, kind="stable")[:, :k]
-        picked = ranking[first]
-        picked[np.take_along_axis(seen, first, axis=1)] = PADDING_ID
+        # The first k unseen prefix positions, in ranking order (row-major nonzero keeps it).
+        unseen = ~seen
+        slot = np.cumsum(unseen, axis=1, dtype=np.int32) - 1
+        row, col = np.nonzero(unseen & (slot < k))
         fill = np.zeros((chunk.size, k), dtype=np.int64)
-        fill[:, : picked.shape[1]] = picked
+        fill[row, slot[row, col]] = ranking[col]
         out[chunk] = fill
         i += chunk.size
     return out

@@ -1,0 +1,254 @@
+"""The multi-task recommender: one Keras 3 model (TF backend, keras-rs) for retrieval and rating.
+
+User and movie embeddings feed two heads:
+- retrieval: in-batch softmax over the batch's movies (optionally with the logQ sampling-bias
+  correction and accidental-hit removal keras-rs offers), top-k via `BruteForceRetrieval`;
+- ranking: a dense head on the concatenated embeddings (plus optional learned biases) predicts the
+  normalised rating, trained with MSE.
+Loss = retrieval_weight * retrieval CE + ranking_weight * MSE.
+"""
+
+import json
+import os
+from typing import Any
+
+import keras
+import keras_rs
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from components import features as F
+from components.config import TrainingConfig
+
+EXCLUDED_SCORE = -1e9  # score given to excluded candidates before top-k
+NO_MOVIE = -1  # returned id when fewer than k candidates remain after exclusion
+WEIGHTS_FILE = "model.weights.h5"
+SPEC_FILE = "model.json"
+
+
+class ExcludingBruteForceRetrieval(keras_rs.layers.BruteForceRetrieval):
+    """keras-rs brute-force top-k that can skip, per query, candidates marked as excluded
+    (movies the user already rated). Excluded slots never come back as recommendations: when
+    fewer than k candidates remain, the tail is filled with id -1 and score -inf."""
+
+    def call(self, inputs, excluded=None, k: int | None = None):
+        k = k or self.k
+        scores = self.compute_score(inputs, self.candidate_embeddings)
+        if excluded is not None:
+            scores = ops.where(excluded, EXCLUDED_SCORE, scores)
+        top_scores, top_index = ops.top_k(scores, k=k)
+        top_ids = ops.take(self.candidate_ids, top_index, axis=0)
+        missing = top_scores <= EXCLUDED_SCORE / 2
+        top_ids = ops.where(missing, NO_MOVIE, top_ids)
+        top_scores = ops.where(missing, float("-inf"), top_scores)
+        return top_scores, top_ids
+
+
+class Recommender(keras.Model):
+    """Joint retrieval + rating model over integer user and movie ids.
+
+    `movie_counts[m]` is the number of training ratings of movie m: it defines the retrieval
+    candidates (movies seen in training; id 0 is padding and never a candidate) and the in-batch
+    sampling probabilities used by the logQ correction.
+    """
+
+    def __init__(
+        self,
+        num_users: int,
+        num_movies: int,
+        movie_counts: np.ndarray,
+        config: TrainingConfig,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        self.config = config
+        self.num_users = int(num_users)
+        self.num_movies = int(num_movies)
+        counts = np.asarray(movie_counts, dtype=np.float64)
+        if counts.shape != (self.num_movies,):
+            raise ValueError(
+                f"movie_counts must have shape ({self.num_movies},), got {counts.shape}"
+            )
+        counts[F.PADDING_ID] = 0
+        self.movie_counts = counts
+        candidates = np.flatnonzero(counts > 0).astype(np.int32)
+        if candidates.size == 0:
+            raise ValueError("no movie has a training rating: nothing to retrieve")
+        self.candidate_ids = candidates
+        # movie id -> candidate index (-1: not a candidate), for building exclusion masks.
+        position = np.full(self.num_movies, -1, dtype=np.int32)
+        position[candidates] = np.arange(candidates.size, dtype=np.int32)
+        self._candidate_position = tf.constant(position)
+        self._log_sampling_probability = tf.constant(
+            np.log(np.clip(counts / max(counts.sum(), 1.0), 1e-9, 1.0)), dtype=tf.float32
+        )
+
+        regularizer = keras.regularizers.L2(config.embedding_l2) if config.embedding_l2 else None
+        dim = config.embedding_dim
+        self.user_embedding = keras.layers.Embedding(
+            self.num_users, dim, embeddings_regularizer=regularizer, name="user_embedding"
+        )
+        self.movie_embedding = keras.layers.Embedding(
+            self.num_movies, dim, embeddings_regularizer=regularizer, name="movie_embedding"
+        )
+        self.rating_head = keras.Sequential(
+            [keras.layers.Dense(units, activation="relu") for units in config.rating_hidden_units]
+            + [keras.layers.Dense(1)],
+            name="rating_head",
+        )
+        if config.use_bias_terms:
+            self.user_bias = keras.layers.Embedding(
+                self.num_users, 1, embeddings_initializer="zeros", name="user_bias"
+            )
+            self.movie_bias = keras.layers.Embedding(
+                self.num_movies, 1, embeddings_initializer="zeros", name="movie_bias"
+            )
+        self.retrieval = ExcludingBruteForceRetrieval(k=config.top_k, name="retrieval")
+        self.remove_accidental_hits = keras_rs.layers.RemoveAccidentalHits()
+        self.retrieval_loss_tracker = keras.metrics.Mean(name="retrieval_loss")
+        self.rating_loss_tracker = keras.metrics.Mean(name="rating_mse")
+        self.rmse_metric = keras.metrics.RootMeanSquaredError(name="rmse")
+
+    # --- forward pass ---
+
+    def call(self, inputs: dict, training: bool = False) -> dict:
+        user = self.user_embedding(inputs[F.USER_ID])
+        movie = self.movie_embedding(inputs[F.MOVIE_ID])
+        rating = self._rating(inputs[F.USER_ID], inputs[F.MOVIE_ID], user, movie)
+        return {"user_embedding": user, "movie_embedding": movie, F.RATING: rating}
+
+    def _rating(self, user_ids, movie_ids, user, movie):
+        rating = self.rating_head(ops.concatenate([user, movie], axis=-1))[:, 0]
+        if self.config.use_bias_terms:
+            rating = (
+                rating
+                + self.user_bias(user_ids)[:, 0]
+                + self.movie_bias(movie_ids)[:, 0]
+            )
+        return rating
+
+    # --- losses ---
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        config = self.config
+        total = ops.convert_to_tensor(0.0)
+        if config.ranking_weight > 0:
+            mse = ops.mean(ops.square(ops.cast(y, "float32") - y_pred[F.RATING]))
+            total = total + config.ranking_weight * mse
+            self.rating_loss_tracker.update_state(mse)
+        if config.retrieval_weight > 0:
+            retrieval = self._retrieval_loss(x[F.MOVIE_ID], y_pred)
+            total = total + config.retrieval_weight * retrieval
+            self.retrieval_loss_tracker.update_state(retrieval)
+        self.rmse_metric.update_state(y, ops.clip(y_pred[F.RATING], 0.0, 1.0))
+        if self.losses:
+            total = total + ops.sum(self.losses)
+        return total
+
+    def _retrieval_loss(self, movie_ids, y_pred):
+        """In-batch softmax: each row's own movie is the positive, the batch's others negatives."""
+        config = self.config
+        user, movie = y_pred["user_embedding"], y_pred["movie_embedding"]
+        logits = ops.matmul(user, ops.transpose(movie)) / config.temperature
+        batch = ops.shape(logits)[0]
+        labels = ops.eye(batch, dtype=logits.dtype)
+        if config.sampling_correction_weight:
+            log_q = ops.take(self._log_sampling_probability, movie_ids)
+            logits = logits - config.sampling_correction_weight * log_q[None, :]
+        if config.remove_accidental_hits:
+            logits = self.remove_accidental_hits(logits, labels, movie_ids)
+        per_row = keras.losses.categorical_crossentropy(labels, logits, from_logits=True)
+        if config.retrieval_loss_reduction == "sum":
+            return ops.sum(per_row)
+        return ops.mean(per_row)
+
+    @property
+    def metrics(self):
+        return [self.retrieval_loss_tracker, self.rating_loss_tracker, self.rmse_metric]
+
+    # --- inference ---
+
+    def build_for_ids(self) -> None:
+        """Create every variable (before loading weights or exporting)."""
+        ids = tf.constant([1], tf.int32)
+        self({F.USER_ID: ids, F.MOVIE_ID: ids})
+
+    def index_candidates(self) -> None:
+        """Copy the trained movie embeddings of the candidates into the retrieval layer."""
+        embeddings = ops.take(self.movie_embedding.embeddings, self.candidate_ids, axis=0)
+        self.retrieval.update_candidates(embeddings, self.candidate_ids)
+
+    def predict_rating(self, user_ids, movie_ids):
+        """Normalised rating in [0, 1]."""
+        user = self.user_embedding(user_ids)
+        movie = self.movie_embedding(movie_ids)
+        return ops.clip(self._rating(user_ids, movie_ids, user, movie), 0.0, 1.0)
+
+    def exclusion_mask(self, user_ids, seen: "SeenMovies"):
+        """[batch, candidates] bool: the candidates each user has already rated."""
+        user_seen = tf.gather(seen.ragged(), user_ids)
+        position = tf.gather(self._candidate_position, user_seen.flat_values)
+        rows = tf.cast(user_seen.value_rowids(), tf.int32)
+        keep = position >= 0
+        indices = tf.stack([tf.boolean_mask(rows, keep), tf.boolean_mask(position, keep)], axis=1)
+        shape = tf.stack([tf.shape(user_ids)[0], tf.constant(len(self.candidate_ids))])
+        hits = tf.scatter_nd(indices, tf.ones(tf.shape(indices)[0], tf.int32), shape)
+        return hits > 0
+
+    def recommend(self, user_ids, k: int | None = None, seen: "SeenMovies | None" = None):
+        """Top-k (scores, movie ids) per user, skipping the movies in `seen` when given."""
+        query = self.user_embedding(user_ids)
+        excluded = self.exclusion_mask(user_ids, seen) if seen is not None else None
+        return self.retrieval(query, excluded=excluded, k=k)
+
+    # --- persistence (weights + a small spec; keras-rs retrieval candidates are rebuilt) ---
+
+    def save_artifact(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+        self.save_weights(os.path.join(path, WEIGHTS_FILE))
+        spec = {
+            "num_users": self.num_users,
+            "num_movies": self.num_movies,
+            "movie_counts": self.movie_counts.astype(int).tolist(),
+            "config": self.config.to_dict(),
+        }
+        with open(os.path.join(path, SPEC_FILE), "w", encoding="utf-8") as handle:
+            json.dump(spec, handle)
+
+    @classmethod
+    def load_artifact(cls, path: str) -> "Recommender":
+        with open(os.path.join(path, SPEC_FILE), encoding="utf-8") as handle:
+            spec = json.load(handle)
+        model = cls(
+            spec["num_users"],
+            spec["num_movies"],
+            np.asarray(spec["movie_counts"]),
+            TrainingConfig.from_dict(spec["config"]),
+        )
+        model.build_for_ids()
+        model.load_weights(os.path.join(path, WEIGHTS_FILE))
+        model.index_candidates()
+        return model
+
+
+class SeenMovies(tf.Module):
+    """The movies each user has rated, as CSR (row_splits by user id, movie ids): compact for
+    millions of ratings, and trackable so an exported SavedModel carries it."""
+
+    def __init__(self, user_ids: np.ndarray, movie_ids: np.ndarray, num_users: int):
+        super().__init__(name="seen_movies")
+        user_ids = np.asarray(user_ids, dtype=np.int64)
+        movie_ids = np.asarray(movie_ids, dtype=np.int32)
+        if user_ids.size and (user_ids.min() < 0 or user_ids.max() >= num_users):
+            raise ValueError(f"user ids must be in [0, {num_users}), got {user_ids.max()}")
+        order = np.lexsort((movie_ids, user_ids))
+        counts = np.bincount(user_ids, minlength=num_users)
+        row_splits = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.row_splits = tf.Variable(row_splits, trainable=False, name="row_splits")
+        self.movie_ids = tf.Variable(movie_ids[order], trainable=False, name="movie_ids")
+
+    def ragged(self) -> tf.RaggedTensor:
+        return tf.RaggedTensor.from_row_splits(
+            self.movie_ids.read_value(), self.row_splits.read_value(), validate=False
+        )
