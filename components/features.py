@@ -26,9 +26,10 @@ STATS_FILE = "stats.json"  # preprocessing output: counts and id ranges
 DEAD_LETTER_PREFIX = "dead_letter"
 
 # Serving signatures of the exported SavedModel.
-SIGNATURE_RETRIEVE = "serving_default"  # user_id -> top-k movie_ids, scores (seen movies excluded)
-SIGNATURE_RETRIEVE_ALL = "retrieve_including_seen"  # same, seen movies included (the seed's behaviour)
+SIGNATURE_RETRIEVE = "serving_default"  # user_id -> top-k movie_ids, scores; rated movies excluded
+SIGNATURE_RETRIEVE_EXCLUDING = "retrieve_excluding"  # user_id + excluded_movie_ids -> top-k
 SIGNATURE_RANK = "rank"  # (user_id, movie_id) -> rating in [0, 1], stars in [1, 5]
+EXCLUDED_MOVIE_IDS = "excluded_movie_ids"  # [batch, n] int32, padded with 0
 OUT_MOVIE_IDS = "movie_ids"
 OUT_SCORES = "scores"
 OUT_RATING = "rating"

@@ -185,21 +185,39 @@ class Recommender(keras.Model):
         movie = self.movie_embedding(movie_ids)
         return ops.clip(self._rating(user_ids, movie_ids, user, movie), 0.0, 1.0)
 
-    def exclusion_mask(self, user_ids, seen: "SeenMovies"):
-        """[batch, candidates] bool: the candidates each user has already rated."""
-        user_seen = tf.gather(seen.ragged(), user_ids)
-        position = tf.gather(self._candidate_position, user_seen.flat_values)
-        rows = tf.cast(user_seen.value_rowids(), tf.int32)
-        keep = position >= 0
+    def _mask(self, rows, movie_ids, batch):
+        """[batch, candidates] bool, True at (row, candidate of movie) for each pair given."""
+        position = tf.gather(self._candidate_position, tf.clip_by_value(movie_ids, 0, self.num_movies - 1))
+        keep = (position >= 0) & (movie_ids > 0) & (movie_ids < self.num_movies)
         indices = tf.stack([tf.boolean_mask(rows, keep), tf.boolean_mask(position, keep)], axis=1)
-        shape = tf.stack([tf.shape(user_ids)[0], tf.constant(len(self.candidate_ids))])
+        shape = tf.stack([batch, tf.constant(len(self.candidate_ids))])
         hits = tf.scatter_nd(indices, tf.ones(tf.shape(indices)[0], tf.int32), shape)
         return hits > 0
 
-    def recommend(self, user_ids, k: int | None = None, seen: "SeenMovies | None" = None):
-        """Top-k (scores, movie ids) per user, skipping the movies in `seen` when given."""
+    def seen_mask(self, user_ids, seen: "SeenMovies"):
+        """Exclusion mask of the movies each user rated, from a SeenMovies table."""
+        user_seen = tf.gather(seen.ragged(), user_ids)
+        rows = tf.cast(user_seen.value_rowids(), tf.int32)
+        return self._mask(rows, user_seen.flat_values, tf.shape(user_ids)[0])
+
+    def ids_mask(self, excluded_movie_ids):
+        """Exclusion mask from a dense [batch, n] matrix of movie ids (0 = padding)."""
+        ids = tf.convert_to_tensor(excluded_movie_ids, tf.int32)
+        batch = tf.shape(ids)[0]
+        rows = tf.repeat(tf.range(batch), tf.shape(ids)[1])
+        return self._mask(rows, tf.reshape(ids, [-1]), batch)
+
+    def recommend(self, user_ids, k: int | None = None, seen: "SeenMovies | None" = None,
+                  excluded_movie_ids=None):
+        """Top-k (scores, movie ids) per user, skipping the movies in `seen` and/or
+        `excluded_movie_ids` when given."""
         query = self.user_embedding(user_ids)
-        excluded = self.exclusion_mask(user_ids, seen) if seen is not None else None
+        excluded = None
+        if seen is not None:
+            excluded = self.seen_mask(user_ids, seen)
+        if excluded_movie_ids is not None:
+            extra = self.ids_mask(excluded_movie_ids)
+            excluded = extra if excluded is None else excluded | extra
         return self.retrieval(query, excluded=excluded, k=k)
 
     # --- persistence (weights + a small spec; keras-rs retrieval candidates are rebuilt) ---
