@@ -31,9 +31,7 @@ class _Section:
         names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(values) - set(names))
         if unknown:
-            raise ConfigError(
-                f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}"
-            )
+            raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
         for name, f in names.items():
             if name in values and isinstance(values[name], list) and "tuple" in str(f.type):
                 values[name] = tuple(values[name])
@@ -110,9 +108,10 @@ class GateConfig(_Section):
 
     max_rmse: float = 0.24  # normalised units
     min_hit_rate: float = 0.15  # hit@10 over 5-star test ratings, seen movies excluded
-    # The candidate must beat each baseline on its metric by this margin (absolute).
-    min_margin_over_baselines: float = 0.0
+    # The candidate must beat each baseline on its metric by these margins (absolute).
     require_beat_baselines: bool = True
+    baseline_hit_rate_margin: float = 0.02  # over popularity's hit@10
+    baseline_rmse_margin: float = 0.002  # under the user+item bias model's RMSE
     # Against the previously blessed model in the export location (TFX's change threshold).
     max_regression_rmse: float = 0.01
     max_regression_hit_rate: float = 0.02
@@ -167,6 +166,4 @@ def training_preset(name: str) -> TrainingConfig:
     try:
         return TRAINING_PRESETS[name]
     except KeyError:
-        raise ConfigError(
-            f"unknown preset {name!r}; known: {sorted(TRAINING_PRESETS)}"
-        ) from None
+        raise ConfigError(f"unknown preset {name!r}; known: {sorted(TRAINING_PRESETS)}") from None

@@ -82,7 +82,8 @@ def build_export_archive(model: Recommender, seen: SeenMovies) -> keras.export.E
         user_id = _check_ids(user_id, model.num_users, F.USER_ID)
         movie_id = _check_ids(movie_id, model.num_movies, F.MOVIE_ID)
         tf.debugging.assert_equal(
-            tf.shape(user_id), tf.shape(movie_id),
+            tf.shape(user_id),
+            tf.shape(movie_id),
             message="user_id and movie_id must have the same length",
         )
         rating = model.predict_rating(user_id, movie_id)
@@ -93,7 +94,10 @@ def build_export_archive(model: Recommender, seen: SeenMovies) -> keras.export.E
     archive.add_endpoint(
         F.SIGNATURE_RETRIEVE_EXCLUDING,
         retrieve_excluding,
-        input_signature=[user_spec, tf.TensorSpec([None, None], tf.int32, name=F.EXCLUDED_MOVIE_IDS)],
+        input_signature=[
+            user_spec,
+            tf.TensorSpec([None, None], tf.int32, name=F.EXCLUDED_MOVIE_IDS),
+        ],
     )
     archive.add_endpoint(
         F.SIGNATURE_RANK,
@@ -174,7 +178,12 @@ def run_export(
         model.num_users,
     )
     return export_saved_model(
-        model, seen, base_dir, model_name, version, metadata={"metrics": blessing.get("metrics", {})}
+        model,
+        seen,
+        base_dir,
+        model_name,
+        version,
+        metadata={"metrics": blessing.get("metrics", {})},
     )
 
 
@@ -197,4 +206,6 @@ def export_op(
     logging.basicConfig(level=logging.INFO)
     path = run_export(model.path, examples.path, blessing.path, serving_model_dir, model_name)
     pushed_model.uri = path
-    pushed_model.metadata.update({"pushed_destination": path, "version": int(path.rsplit("/", 1)[-1])})
+    pushed_model.metadata.update(
+        {"pushed_destination": path, "version": int(path.rsplit("/", 1)[-1])}
+    )

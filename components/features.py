@@ -17,7 +17,9 @@ MAX_STARS = 5
 PADDING_ID = 0
 
 # Files inside artifacts.
-RATINGS_FILE = "ratings.tsv"  # ingestion output: user \t movie \t stars \t timestamp (u.data format)
+RATINGS_FILE = (
+    "ratings.tsv"  # ingestion output: user \t movie \t stars \t timestamp (u.data format)
+)
 MOVIES_FILE = "movies.tsv"  # ingestion output: movie_id \t title
 INGESTION_REPORT = "ingestion.json"
 TRAIN_SPLIT = "train"

@@ -74,7 +74,9 @@ def parse_rating_line(line: str, source: str, line_number: int) -> Rating | BadR
         except ValueError:
             raise ValueError(f"field {F.STARS} is not a number ({fields[2]!r})") from None
         if not F.MIN_STARS <= stars <= F.MAX_STARS:
-            raise ValueError(f"field {F.STARS} must be in {F.MIN_STARS}..{F.MAX_STARS}, got {fields[2]}")
+            raise ValueError(
+                f"field {F.STARS} must be in {F.MIN_STARS}..{F.MAX_STARS}, got {fields[2]}"
+            )
         try:
             timestamp = int(fields[3])
         except ValueError:
@@ -167,7 +169,9 @@ def ingest_folder(data_dir: str, ratings_dir: str, movies_dir: str) -> Ingestion
     movies_path = os.path.join(data_dir, RAW_MOVIES)
     for path in (ratings_path, movies_path):
         if not os.path.isfile(path):
-            raise DataError(f"{path}: not found (expected an ml-100k folder with u.data and u.item)")
+            raise DataError(
+                f"{path}: not found (expected an ml-100k folder with u.data and u.item)"
+            )
     rows, invalid, problems = check_ratings(ratings_path, ratings_path)
     tmp = _staging_dir(ratings_dir)
     try:
@@ -236,7 +240,9 @@ def ingest_tfds(
             (int(row["movie_id"]), row["movie_title"].decode("utf-8", "replace"))
             for row in tfds.as_numpy(movies)
         )
-        count = _write_movies(movie_rows, os.path.join(tmp, F.MOVIES_FILE), "tfds:movielens/100k-movies")
+        count = _write_movies(
+            movie_rows, os.path.join(tmp, F.MOVIES_FILE), "tfds:movielens/100k-movies"
+        )
         report = IngestionReport(source, rows, invalid, count, problems)
         _write_json(os.path.join(tmp, F.INGESTION_REPORT), report.to_dict())
         _publish(tmp, ratings_dir, movies_dir)
@@ -253,7 +259,10 @@ def run_ingestion(data_dir: str, ratings_dir: str, movies_dir: str) -> Ingestion
         report = ingest_tfds(ratings_dir, movies_dir)
     log.info(
         "ingested %d ratings (%d malformed) and %d movies from %s",
-        report.ratings_rows, report.invalid_rows, report.movies, report.source,
+        report.ratings_rows,
+        report.invalid_rows,
+        report.movies,
+        report.source,
     )
     for problem in report.problems:
         log.warning("malformed rating row: %s", problem)

@@ -121,11 +121,7 @@ class Recommender(keras.Model):
     def _rating(self, user_ids, movie_ids, user, movie):
         rating = self.rating_head(ops.concatenate([user, movie], axis=-1))[:, 0]
         if self.config.use_bias_terms:
-            rating = (
-                rating
-                + self.user_bias(user_ids)[:, 0]
-                + self.movie_bias(movie_ids)[:, 0]
-            )
+            rating = rating + self.user_bias(user_ids)[:, 0] + self.movie_bias(movie_ids)[:, 0]
         return rating
 
     # --- losses ---
@@ -187,7 +183,9 @@ class Recommender(keras.Model):
 
     def _mask(self, rows, movie_ids, batch):
         """[batch, candidates] bool, True at (row, candidate of movie) for each pair given."""
-        position = tf.gather(self._candidate_position, tf.clip_by_value(movie_ids, 0, self.num_movies - 1))
+        position = tf.gather(
+            self._candidate_position, tf.clip_by_value(movie_ids, 0, self.num_movies - 1)
+        )
         keep = (position >= 0) & (movie_ids > 0) & (movie_ids < self.num_movies)
         indices = tf.stack([tf.boolean_mask(rows, keep), tf.boolean_mask(position, keep)], axis=1)
         shape = tf.stack([batch, tf.constant(len(self.candidate_ids))])
@@ -207,8 +205,13 @@ class Recommender(keras.Model):
         rows = tf.repeat(tf.range(batch), tf.shape(ids)[1])
         return self._mask(rows, tf.reshape(ids, [-1]), batch)
 
-    def recommend(self, user_ids, k: int | None = None, seen: "SeenMovies | None" = None,
-                  excluded_movie_ids=None):
+    def recommend(
+        self,
+        user_ids,
+        k: int | None = None,
+        seen: "SeenMovies | None" = None,
+        excluded_movie_ids=None,
+    ):
         """Top-k (scores, movie ids) per user, skipping the movies in `seen` and/or
         `excluded_movie_ids` when given."""
         query = self.user_embedding(user_ids)

@@ -60,7 +60,10 @@ class _EpochLog(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted((logs or {}).items()))
         log.info(
-            "epoch %d/%d (%.1fs): %s", epoch + 1, self.epochs, time.perf_counter() - self.started,
+            "epoch %d/%d (%.1fs): %s",
+            epoch + 1,
+            self.epochs,
+            time.perf_counter() - self.started,
             metrics,
         )
 
