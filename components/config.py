@@ -5,9 +5,8 @@ dict (`to_dict` / `from_dict`), which is how it travels as a KFP pipeline parame
 seed notebook's settings; `DEFAULT` is the tuned model that beats the baselines (issue 5).
 """
 
-from __future__ import annotations
-
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -16,6 +15,34 @@ from components.errors import MtrecError
 
 class ConfigError(MtrecError, ValueError):
     """A configuration value is invalid; the message names the field."""
+
+
+def _coerce(owner: str, name: str, hint: Any, value: Any) -> Any:
+    """Restore a field's type after a trip through JSON/protobuf (KFP turns ints into floats)."""
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and float(value).is_integer()
+        ):
+            return int(value)
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif typing.get_origin(hint) is tuple:
+        if isinstance(value, list | tuple) and all(
+            isinstance(v, int | float) and float(v).is_integer() for v in value
+        ):
+            return tuple(int(v) for v in value)
+    else:
+        return value
+    raise ConfigError(f"{owner}.{name}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
 class _Section:
@@ -32,9 +59,9 @@ class _Section:
         unknown = sorted(set(values) - set(names))
         if unknown:
             raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
-        for name, f in names.items():
-            if name in values and isinstance(values[name], list) and "tuple" in str(f.type):
-                values[name] = tuple(values[name])
+        hints = typing.get_type_hints(cls)
+        for name in list(values):
+            values[name] = _coerce(cls.__name__, name, hints[name], values[name])
         obj = cls(**values)
         obj.validate()
         return obj
@@ -119,6 +146,11 @@ class GateConfig(_Section):
     def validate(self) -> None:
         if self.max_rmse <= 0:
             raise ConfigError(f"max_rmse must be > 0, got {self.max_rmse}")
+
+
+# Where the pipeline's pieces live in a cluster; both are overridable from the CLI.
+DEFAULT_IMAGE = "ghcr.io/mtrec/mtrec-python:0.1.0"  # built from ./Dockerfile
+DEFAULT_SERVING_MODEL_DIR = "/mnt/models"  # the volume a TF Serving deployment reads
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -371,11 +371,13 @@ def evaluation_op(
     metrics: Output[Metrics],
     blessing: Output[Artifact],
     report: Output[HTML],
-) -> NamedTuple("Outputs", [("blessed", bool)]):  # noqa: UP014 - KFP reads this annotation
-    """Evaluate on the test split against baselines; bless the model when every gate passes."""
+) -> bool:
+    """Evaluate on the test split against baselines; bless the model when every gate passes.
+
+    Returns `blessed` as the task's `Output` parameter (what the DAG's condition reads)."""
     import logging
+    import os
     import shutil
-    from collections import namedtuple
 
     from components.config import GateConfig
     from components.evaluation import run_evaluation
@@ -396,4 +398,4 @@ def evaluation_op(
             metrics.log_metric(f"{baseline}/{name}", value)
     shutil.copyfile(os.path.join(blessing.path, "report.html"), report.path)
     blessing.metadata["blessed"] = result.blessed
-    return namedtuple("Outputs", ["blessed"])(result.blessed)
+    return result.blessed

@@ -90,7 +90,8 @@ def train_model(
     train = make_dataset(
         examples_dir, F.TRAIN_SPLIT, config.batch_size, shuffle=True, seed=config.shuffle_seed
     )
-    validation = make_dataset(examples_dir, F.TEST_SPLIT, 8192)
+    # Same batch size as training: the in-batch retrieval loss is only comparable at equal size.
+    validation = make_dataset(examples_dir, F.TEST_SPLIT, config.batch_size)
     started = time.perf_counter()
     history = model.fit(
         train,
@@ -98,6 +99,7 @@ def train_model(
         validation_data=validation,
         verbose=verbose,
         callbacks=[_EpochLog(config.epochs)],
+        shuffle=False,  # the tf.data pipeline shuffles
     )
     log.info("fit took %.1fs", time.perf_counter() - started)
     model.index_candidates()

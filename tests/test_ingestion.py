@@ -1,0 +1,118 @@
+import json
+import os
+
+import pytest
+
+from components import features as F
+from components.errors import DataError
+from components.ingestion import (
+    BadRow,
+    Rating,
+    load_catalogue,
+    parse_movie_line,
+    parse_rating_line,
+    run_ingestion,
+)
+
+
+def test_parse_rating_line_valid():
+    assert parse_rating_line("196\t242\t3\t881250949\n", "u.data", 1) == Rating(
+        196, 242, 3.0, 881250949
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ("196\t242\t3\n", "expected 4 tab-separated fields, got 3"),
+        ("x\t242\t3\t1\n", "field user_id is not an integer ('x')"),
+        ("0\t242\t3\t1\n", "field user_id must be a positive integer, got 0"),
+        ("1\t-5\t3\t1\n", "field movie_id must be a positive integer, got -5"),
+        ("1\t2\t6\t1\n", "field stars must be in 1..5, got 6"),
+        ("1\t2\t0\t1\n", "field stars must be in 1..5, got 0"),
+        ("1\t2\tgood\t1\n", "field stars is not a number ('good')"),
+        ("1\t2\t3\tyesterday\n", "field timestamp is not an integer ('yesterday')"),
+    ],
+)
+def test_parse_rating_line_names_the_problem(line, reason):
+    bad = parse_rating_line(line, "u.data", 7)
+    assert isinstance(bad, BadRow)
+    assert bad.reason == reason
+    assert bad.describe().startswith("u.data, line 7: " + reason)
+
+
+def test_parse_movie_line():
+    assert parse_movie_line("1|Toy Story (1995)|01-Jan-1995||url|0|0", "u.item", 1) == (
+        1,
+        "Toy Story (1995)",
+    )
+    with pytest.raises(DataError, match=r"u.item, line 3: field movie_id is not an integer"):
+        parse_movie_line("one|Toy Story|x", "u.item", 3)
+
+
+def test_ingest_folder(tmp_path, small_data_dir):
+    report = run_ingestion(small_data_dir, str(tmp_path / "r"), str(tmp_path / "m"))
+    with open(os.path.join(small_data_dir, "u.data")) as handle:
+        rows = sum(1 for _ in handle)
+    assert report.ratings_rows == rows and report.invalid_rows == 0
+    assert report.movies == 40
+    catalogue = load_catalogue(str(tmp_path / "m"))
+    assert catalogue[1] == "Movie 1 (1991)"
+    with open(tmp_path / "r" / F.INGESTION_REPORT) as handle:
+        assert json.load(handle)["ratings_rows"] == rows
+    assert sorted(os.listdir(tmp_path / "r")) == [F.INGESTION_REPORT, F.RATINGS_FILE]
+
+
+def test_ingest_reports_malformed_rows_without_dropping_them(tmp_path, small_data_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "u.item").write_bytes(open(os.path.join(small_data_dir, "u.item"), "rb").read())
+    (data / "u.data").write_text("1\t2\t3\t4\n1\t3\t9\t4\n2\t2\t5\t4\n")
+    report = run_ingestion(str(data), str(tmp_path / "r"), str(tmp_path / "m"))
+    assert report.ratings_rows == 3 and report.invalid_rows == 1
+    assert report.problems == [
+        f"{data / 'u.data'}, line 2: field stars must be in 1..5, got 9: '1\\t3\\t9\\t4'"
+    ]
+    # The row is still in the artifact: preprocessing's dead-letter policy decides.
+    assert (tmp_path / "r" / F.RATINGS_FILE).read_text().count("\n") == 3
+
+
+def test_missing_file_and_wrong_file(tmp_path, small_data_dir):
+    with pytest.raises(DataError, match=r"u.data: not found"):
+        run_ingestion(str(tmp_path), str(tmp_path / "r"), str(tmp_path / "m"))
+    data = tmp_path / "csv"
+    data.mkdir()
+    (data / "u.data").write_text("userId,movieId,rating,timestamp\n1,2,3,4\n")
+    (data / "u.item").write_text("1|A\n")
+    with pytest.raises(
+        DataError, match=r"line 1: expected 4 tab-separated fields.*does not look like"
+    ):
+        run_ingestion(str(data), str(tmp_path / "r"), str(tmp_path / "m"))
+    assert not (tmp_path / "r" / F.RATINGS_FILE).exists()
+
+
+def test_bad_catalogue_leaves_nothing_half_written(tmp_path, small_data_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "u.data").write_text("1\t2\t3\t4\n")
+    (data / "u.item").write_text("1|A|x\n2|B|x\nthree|C|x\n")
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / F.RATINGS_FILE).write_text("previous\n")
+    with pytest.raises(
+        DataError, match=r"u.item, line 3: field movie_id is not an integer \('three'\)"
+    ):
+        run_ingestion(str(data), str(out), str(tmp_path / "m"))
+    assert (out / F.RATINGS_FILE).read_text() == "previous\n"
+    assert sorted(os.listdir(out)) == [F.RATINGS_FILE]
+
+
+def test_tfds_offline_fails_with_a_clear_message(tmp_path, monkeypatch):
+    pytest.importorskip("tensorflow_datasets")
+    from components import ingestion
+
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    with pytest.raises(DataError, match=r"--data-dir"):
+        ingestion.ingest_tfds(
+            str(tmp_path / "r"), str(tmp_path / "m"), tfds_data_dir=str(tmp_path / "tfds")
+        )
