@@ -45,6 +45,20 @@ class ExcludingBruteForceRetrieval(keras_rs.layers.BruteForceRetrieval):
         return top_scores, top_ids
 
 
+def remove_accidental_hits(logits, labels, candidate_ids):
+    """Mask negatives that are the row's own positive movie (the same movie twice in a batch).
+
+    keras-rs 0.4.0's `RemoveAccidentalHits` adds `finfo.smallest_normal / 100` (a tiny positive
+    number) instead of a large negative one, so it leaves the logits unchanged; this is the same
+    operation with a mask that works.
+    """
+    positives = ops.take(candidate_ids, ops.argmax(labels, axis=-1))
+    duplicate = ops.logical_and(
+        ops.equal(positives[:, None], candidate_ids[None, :]), ops.equal(labels, 0)
+    )
+    return ops.where(duplicate, EXCLUDED_SCORE, logits)
+
+
 class Recommender(keras.Model):
     """Joint retrieval + rating model over integer user and movie ids.
 
@@ -105,12 +119,20 @@ class Recommender(keras.Model):
                 self.num_movies, 1, embeddings_initializer="zeros", name="movie_bias"
             )
         self.retrieval = ExcludingBruteForceRetrieval(k=config.top_k, name="retrieval")
-        self.remove_accidental_hits = keras_rs.layers.RemoveAccidentalHits()
         self.retrieval_loss_tracker = keras.metrics.Mean(name="retrieval_loss")
         self.rating_loss_tracker = keras.metrics.Mean(name="rating_mse")
         self.rmse_metric = keras.metrics.RootMeanSquaredError(name="rmse")
 
     # --- forward pass ---
+
+    def build(self, input_shape=None):
+        self.user_embedding.build((None,))
+        self.movie_embedding.build((None,))
+        self.rating_head.build((None, 2 * self.config.embedding_dim))
+        if self.config.use_bias_terms:
+            self.user_bias.build((None,))
+            self.movie_bias.build((None,))
+        self.built = True
 
     def call(self, inputs: dict, training: bool = False) -> dict:
         user = self.user_embedding(inputs[F.USER_ID])
@@ -153,7 +175,7 @@ class Recommender(keras.Model):
             log_q = ops.take(self._log_sampling_probability, movie_ids)
             logits = logits - config.sampling_correction_weight * log_q[None, :]
         if config.remove_accidental_hits:
-            logits = self.remove_accidental_hits(logits, labels, movie_ids)
+            logits = remove_accidental_hits(logits, labels, movie_ids)
         per_row = keras.losses.categorical_crossentropy(labels, logits, from_logits=True)
         if config.retrieval_loss_reduction == "sum":
             return ops.sum(per_row)

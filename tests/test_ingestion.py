@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 
 import pytest
 
@@ -66,7 +67,7 @@ def test_ingest_folder(tmp_path, small_data_dir):
 def test_ingest_reports_malformed_rows_without_dropping_them(tmp_path, small_data_dir):
     data = tmp_path / "data"
     data.mkdir()
-    (data / "u.item").write_bytes(open(os.path.join(small_data_dir, "u.item"), "rb").read())
+    shutil.copyfile(os.path.join(small_data_dir, "u.item"), data / "u.item")
     (data / "u.data").write_text("1\t2\t3\t4\n1\t3\t9\t4\n2\t2\t5\t4\n")
     report = run_ingestion(str(data), str(tmp_path / "r"), str(tmp_path / "m"))
     assert report.ratings_rows == 3 and report.invalid_rows == 1

@@ -99,7 +99,8 @@ def test_run_preprocessing_writes_splits_and_stats(small_examples, small_data_di
     examples = small_examples["examples"]
     with open(os.path.join(examples, F.STATS_FILE)) as handle:
         stats = json.load(handle)
-    total = sum(1 for _ in open(os.path.join(small_data_dir, "u.data")))
+    with open(os.path.join(small_data_dir, "u.data")) as handle:
+        total = sum(1 for _ in handle)
     assert stats["rows"] == {"train": total - round(total * 0.2), "test": round(total * 0.2)}
     assert stats["invalid_rows"] == 0
     assert stats["max_user_id"] == 60 and stats["max_movie_id"] <= 40
