@@ -236,6 +236,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from components.report import format_table
+    from pipeline.experiments import compare_variants
+
+    rows = compare_variants(args.data_dir, args.output, args.epochs)
+    print(format_table(rows))
+    print(f"report: {os.path.join(args.output, 'report.md')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
@@ -316,6 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--model-name", default="mtrec")
     ex.add_argument("--version", type=int)
     ex.set_defaults(func=cmd_export)
+
+    cmp = commands.add_parser(
+        "compare", help="train the seed's three variants and ours on one split; one table"
+    )
+    cmp.add_argument("--data-dir", required=True, help="raw ml-100k folder")
+    cmp.add_argument("--output", default="mtrec-compare")
+    cmp.add_argument("--epochs", type=int, help="override every configuration's epochs")
+    cmp.set_defaults(func=cmd_compare)
 
     _add_serving_commands(commands)
     return parser

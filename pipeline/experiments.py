@@ -1,0 +1,110 @@
+"""Train and evaluate several configurations on one split, in one process: the seed's three
+variants next to ours (`mtrec compare`), and the multi-seed quality benchmark (bench/quality.py).
+
+It reuses the stages' logic directly (no DAG): the comparison is an experiment, not a deployment.
+"""
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from components import features as F
+from components.config import (
+    DEFAULT_TRAINING,
+    SEED_TRAINING,
+    VARIANTS,
+    PreprocessingConfig,
+    TrainingConfig,
+)
+from components.evaluation import Split, evaluate_baselines, evaluate_model
+
+log = logging.getLogger(__name__)
+
+
+def prepare_examples(data_dir: str, work_dir: str, config: PreprocessingConfig) -> str:
+    """Ingest + preprocess once; returns the examples folder (reused when already there)."""
+    from components.ingestion import run_ingestion
+    from components.preprocessing import run_preprocessing
+
+    examples = os.path.join(work_dir, "examples")
+    if os.path.isfile(os.path.join(examples, F.STATS_FILE)):
+        return examples
+    ratings, movies = os.path.join(work_dir, "ratings"), os.path.join(work_dir, "movies")
+    run_ingestion(data_dir, ratings, movies)
+    run_preprocessing(ratings, examples, config)
+    return examples
+
+
+def variant_configs(base: TrainingConfig, prefix: str) -> dict[str, TrainingConfig]:
+    """The seed's three variants of a configuration: each loss term on or off."""
+    configs = {}
+    for name, (ranking_on, retrieval_on) in VARIANTS.items():
+        configs[f"{prefix} {name}"] = base.replace(
+            ranking_weight=base.ranking_weight * ranking_on,
+            retrieval_weight=base.retrieval_weight * retrieval_on,
+        )
+    return configs
+
+
+@dataclass
+class Outcome:
+    name: str
+    metrics: dict[str, float]
+    history: dict[str, list[float]]
+    curve: np.ndarray
+    seconds: float
+
+
+def train_and_evaluate(examples_dir: str, configs: dict[str, TrainingConfig]) -> list[Outcome]:
+    from components.training import train_model
+
+    train = Split.load(examples_dir, F.TRAIN_SPLIT)
+    test = Split.load(examples_dir, F.TEST_SPLIT)
+    outcomes = []
+    for name, config in configs.items():
+        started = time.perf_counter()
+        model, history = train_model(examples_dir, config)
+        seconds = time.perf_counter() - started
+        metrics, curve = evaluate_model(model, train, test)
+        log.info("%s: %s (%.1fs)", name, metrics, seconds)
+        outcomes.append(Outcome(name, metrics, history, curve, seconds))
+    return outcomes
+
+
+def baseline_rows(examples_dir: str, num_rows: int) -> tuple[list[dict], dict[str, np.ndarray]]:
+    train = Split.load(examples_dir, F.TRAIN_SPLIT)
+    test = Split.load(examples_dir, F.TEST_SPLIT)
+    baselines, curves = evaluate_baselines(train, test, num_rows, 100)
+    return [{"system": f"baseline: {k}", **v} for k, v in baselines.items()], curves
+
+
+def compare_variants(data_dir: str, out_dir: str, epochs: int | None = None) -> list[dict]:
+    """The seed's table (its configuration, three variants) next to ours, plus baselines; writes a
+    report into `out_dir` and returns the table rows."""
+    from components.preprocessing import load_stats
+    from components.report import write_report
+
+    examples = prepare_examples(data_dir, out_dir, PreprocessingConfig())
+    configs = {
+        **variant_configs(SEED_TRAINING, "seed"),
+        **variant_configs(DEFAULT_TRAINING, "mtrec"),
+    }
+    if epochs:
+        configs = {k: v.replace(epochs=epochs) for k, v in configs.items()}
+    outcomes = train_and_evaluate(examples, configs)
+    rows = [{"system": o.name, **o.metrics, "fit_seconds": o.seconds} for o in outcomes]
+    stats = load_stats(examples)
+    extra, curves = baseline_rows(examples, stats["max_user_id"] + 1)
+    rows += extra
+    write_report(
+        out_dir,
+        rows,
+        next(o.history for o in outcomes if o.name == "mtrec joint"),
+        {**{o.name: o.curve for o in outcomes if "rating-only" not in o.name}, **curves},
+        title="mtrec: the seed's variants next to ours",
+        gates=None,
+    )
+    return rows
