@@ -97,8 +97,13 @@ class TrainingConfig(_Section):
 
     embedding_dim: int = 32
     rating_hidden_units: tuple[int, ...] = (64,)
+    # Feed the element-wise product user*movie to the rating head besides the concatenation
+    # (the GMF/NCF interaction a plain MLP on [user, movie] learns poorly).
+    rating_product_feature: bool = False
     use_bias_terms: bool = True  # learned global, user and movie biases in the rating head
-    embedding_l2: float = 0.0
+    embedding_l2: float = (
+        1e-3  # L2 on both embedding tables: helps hit@10 and RMSE (bench/quality.py)
+    )
     retrieval_weight: float = 1.0
     ranking_weight: float = 10.0
     retrieval_loss_reduction: str = "mean"  # the seed sums the in-batch cross-entropy
@@ -107,8 +112,9 @@ class TrainingConfig(_Section):
     remove_accidental_hits: bool = True
     optimizer: str = "adam"
     learning_rate: float = 3e-3
+    weight_decay: float = 0.0  # decoupled (AdamW-style) weight decay, any optimizer
     batch_size: int = 1024
-    epochs: int = 10
+    epochs: int = 12
     shuffle_seed: int = 42
     top_k: int = 10
 
@@ -133,8 +139,10 @@ class TrainingConfig(_Section):
 class GateConfig(_Section):
     """Blessing thresholds. Defaults are ones the default model passes on ML-100k."""
 
-    max_rmse: float = 0.24  # normalised units
-    min_hit_rate: float = 0.15  # hit@10 over 5-star test ratings, seen movies excluded
+    max_rmse: float = (
+        0.235  # normalised units (the bias baseline is ~0.237, the default model ~0.226)
+    )
+    min_hit_rate: float = 0.18  # hit@10 over 5-star ratings, seen excluded (popularity ~0.14)
     # The candidate must beat each baseline on its metric by these margins (absolute).
     require_beat_baselines: bool = True
     baseline_hit_rate_margin: float = 0.02  # over popularity's hit@10
@@ -170,7 +178,9 @@ class PipelineConfig:
 SEED_TRAINING = TrainingConfig(
     embedding_dim=32,
     rating_hidden_units=(256, 128),
+    rating_product_feature=False,
     use_bias_terms=False,
+    embedding_l2=0.0,
     retrieval_weight=1.0,
     ranking_weight=1.0,
     retrieval_loss_reduction="sum",

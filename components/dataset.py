@@ -32,15 +32,19 @@ def make_dataset(
     shuffle: bool = False,
     seed: int = 0,
     shuffle_buffer: int = 100_000,
+    rows: int | None = None,
 ) -> tf.data.Dataset:
-    """(features, normalised rating) batches of one split."""
+    """(features, normalised rating) batches of one split. `rows` (from stats.json) declares the
+    number of batches, so Keras knows the epoch length."""
     files = split_files(examples_dir, split)
     dataset = tf.data.TFRecordDataset(files, num_parallel_reads=tf.data.AUTOTUNE)
     if shuffle:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(batch_size)
+    if rows is not None:
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(-(-rows // batch_size)))
     return (
-        dataset.batch(batch_size)
-        .map(lambda records: tf.io.parse_example(records, FEATURE_SPEC), tf.data.AUTOTUNE)
+        dataset.map(lambda records: tf.io.parse_example(records, FEATURE_SPEC), tf.data.AUTOTUNE)
         .map(_to_model_inputs, tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)
     )

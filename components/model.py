@@ -128,7 +128,8 @@ class Recommender(keras.Model):
     def build(self, input_shape=None):
         self.user_embedding.build((None,))
         self.movie_embedding.build((None,))
-        self.rating_head.build((None, 2 * self.config.embedding_dim))
+        width = (3 if self.config.rating_product_feature else 2) * self.config.embedding_dim
+        self.rating_head.build((None, width))
         if self.config.use_bias_terms:
             self.user_bias.build((None,))
             self.movie_bias.build((None,))
@@ -141,7 +142,10 @@ class Recommender(keras.Model):
         return {"user_embedding": user, "movie_embedding": movie, F.RATING: rating}
 
     def _rating(self, user_ids, movie_ids, user, movie):
-        rating = self.rating_head(ops.concatenate([user, movie], axis=-1))[:, 0]
+        features = [user, movie]
+        if self.config.rating_product_feature:
+            features.append(user * movie)
+        rating = self.rating_head(ops.concatenate(features, axis=-1))[:, 0]
         if self.config.use_bias_terms:
             rating = rating + self.user_bias(user_ids)[:, 0] + self.movie_bias(movie_ids)[:, 0]
         return rating

@@ -39,10 +39,13 @@ def describe_devices() -> str:
 
 
 def make_optimizer(config: TrainingConfig) -> keras.optimizers.Optimizer:
+    decay = config.weight_decay or None
     if config.optimizer == "adagrad":
-        return keras.optimizers.Adagrad(config.learning_rate)
+        return keras.optimizers.Adagrad(config.learning_rate, weight_decay=decay)
     if config.optimizer == "sgd":
-        return keras.optimizers.SGD(config.learning_rate)
+        return keras.optimizers.SGD(config.learning_rate, weight_decay=decay)
+    if decay:
+        return keras.optimizers.AdamW(config.learning_rate, weight_decay=decay)
     return keras.optimizers.Adam(config.learning_rate)
 
 
@@ -87,11 +90,19 @@ def train_model(
     log.info(describe_devices())
     model = build_model(examples_dir, config)
     model.compile(optimizer=make_optimizer(config))
+    rows = load_stats(examples_dir)["rows"]
     train = make_dataset(
-        examples_dir, F.TRAIN_SPLIT, config.batch_size, shuffle=True, seed=config.shuffle_seed
+        examples_dir,
+        F.TRAIN_SPLIT,
+        config.batch_size,
+        shuffle=True,
+        seed=config.shuffle_seed,
+        rows=rows[F.TRAIN_SPLIT],
     )
     # Same batch size as training: the in-batch retrieval loss is only comparable at equal size.
-    validation = make_dataset(examples_dir, F.TEST_SPLIT, config.batch_size)
+    validation = make_dataset(
+        examples_dir, F.TEST_SPLIT, config.batch_size, rows=rows[F.TEST_SPLIT]
+    )
     started = time.perf_counter()
     history = model.fit(
         train,
