@@ -127,8 +127,9 @@ def _staging_dir(ratings_dir: str) -> str:
     return tempfile.mkdtemp(prefix=".ingest-", dir=ratings_dir)
 
 
-def _publish(tmp_dir: str, ratings_dir: str, movies_dir: str) -> None:
-    """Move finished files into place only once all of them are written."""
+def _publish(tmp_dir: str, report: "IngestionReport", ratings_dir: str, movies_dir: str) -> None:
+    """Write the report, then move the finished files into place (only once all are written)."""
+    _write_json(os.path.join(tmp_dir, F.INGESTION_REPORT), report.to_dict())
     os.makedirs(movies_dir, exist_ok=True)
     for name, target in (
         (F.RATINGS_FILE, ratings_dir),
@@ -185,8 +186,7 @@ def ingest_folder(data_dir: str, ratings_dir: str, movies_dir: str) -> Ingestion
             movies_path,
         )
         report = IngestionReport(ratings_path, rows, invalid, movies, problems)
-        _write_json(os.path.join(tmp, F.INGESTION_REPORT), report.to_dict())
-        _publish(tmp, ratings_dir, movies_dir)
+        _publish(tmp, report, ratings_dir, movies_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report
@@ -244,8 +244,7 @@ def ingest_tfds(
             movie_rows, os.path.join(tmp, F.MOVIES_FILE), "tfds:movielens/100k-movies"
         )
         report = IngestionReport(source, rows, invalid, count, problems)
-        _write_json(os.path.join(tmp, F.INGESTION_REPORT), report.to_dict())
-        _publish(tmp, ratings_dir, movies_dir)
+        _publish(tmp, report, ratings_dir, movies_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report
