@@ -23,6 +23,7 @@ from components import metrics as M
 from components.baselines import BiasModel, global_mean_predict, popularity_top_k
 from components.config import GateConfig
 from components.dataset import load_columns
+from components.layout import metadata_path
 from components.model import Recommender, SeenMovies
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,7 @@ def evaluate_baselines(
 def evaluate_saved_model(path: str, train: Split, test: Split, num_users: int) -> dict[str, float]:
     """Metrics of a previously exported model on the current split, through its signatures."""
     loaded = tf.saved_model.load(path)
-    with open(os.path.join(path, "assets.extra", "mtrec.json"), encoding="utf-8") as handle:
+    with open(metadata_path(path), encoding="utf-8") as handle:
         info = json.load(handle)
     rank = loaded.signatures[F.SIGNATURE_RANK]
     retrieve = loaded.signatures[F.SIGNATURE_RETRIEVE_EXCLUDING]
@@ -333,7 +334,7 @@ def run_evaluation(
     model_name: str = "",
 ) -> EvaluationResult:
     """Evaluate a trained model artifact; compare with the latest export when there is one."""
-    from components.export import latest_version_path
+    from components.layout import latest_version_path
     from components.training import HISTORY_FILE
 
     model = Recommender.load_artifact(model_dir)

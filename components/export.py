@@ -12,7 +12,6 @@ base path never sees half a model. Signatures (names in `features`):
 import json
 import logging
 import os
-import re
 import shutil
 import time
 import uuid
@@ -24,41 +23,26 @@ from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
 from components import features as F
 from components.errors import GateError
+from components.layout import METADATA_DIR, METADATA_FILE, list_versions
 from components.model import Recommender, SeenMovies
 
 log = logging.getLogger(__name__)
 
-METADATA_DIR = "assets.extra"
-METADATA_FILE = "mtrec.json"
 BLESSING_FILE = "blessing.json"
-_VERSION = re.compile(r"^\d+$")
-
-
-def list_versions(model_dir: str) -> list[int]:
-    """Integer versions under `<base>/<model_name>`, ascending (other entries are ignored, as TF
-    Serving does)."""
-    if not os.path.isdir(model_dir):
-        return []
-    return sorted(
-        int(name)
-        for name in os.listdir(model_dir)
-        if _VERSION.match(name) and os.path.isfile(os.path.join(model_dir, name, "saved_model.pb"))
-    )
-
-
-def latest_version_path(base_dir: str, model_name: str) -> str | None:
-    model_dir = os.path.join(base_dir, model_name)
-    versions = list_versions(model_dir)
-    return os.path.join(model_dir, str(versions[-1])) if versions else None
 
 
 def _check_ids(ids, upper: int, name: str):
+    """Reject ids outside the embedding tables with a message naming the input; the checks run
+    before any lookup uses the ids (on a GPU an out-of-range gather would silently give zeros)."""
     ids = tf.convert_to_tensor(ids)
-    tf.debugging.assert_greater_equal(
-        ids, 1, message=f"unknown {name}: ids must be in 1..{upper - 1}"
-    )
-    tf.debugging.assert_less(ids, upper, message=f"unknown {name}: ids must be in 1..{upper - 1}")
-    return ids
+    message = f"unknown {name}: ids must be in 1..{upper - 1}"
+    checks = [
+        tf.debugging.assert_rank(ids, 1, message=f"{name} must be a 1-D batch of ids"),
+        tf.debugging.assert_greater_equal(ids, 1, message=message),
+        tf.debugging.assert_less(ids, upper, message=message),
+    ]
+    with tf.control_dependencies(checks):
+        return tf.identity(ids)
 
 
 def build_export_archive(model: Recommender, seen: SeenMovies) -> keras.export.ExportArchive:
@@ -75,6 +59,13 @@ def build_export_archive(model: Recommender, seen: SeenMovies) -> keras.export.E
 
     def retrieve_excluding(user_id, excluded_movie_ids):
         user_id = _check_ids(user_id, model.num_users, F.USER_ID)
+        same_batch = tf.debugging.assert_equal(
+            tf.shape(user_id)[0],
+            tf.shape(excluded_movie_ids)[0],
+            message="user_id and excluded_movie_ids must have the same batch size",
+        )
+        with tf.control_dependencies([same_batch]):
+            excluded_movie_ids = tf.identity(excluded_movie_ids)
         scores, ids = model.recommend(user_id, excluded_movie_ids=excluded_movie_ids)
         return {F.OUT_MOVIE_IDS: ids, F.OUT_SCORES: scores}
 

@@ -22,6 +22,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from kfp.dsl import Dataset, Input, Output
+from tensorflow.core.example import example_pb2, feature_pb2
 
 from components import features as F
 from components.config import PreprocessingConfig
@@ -67,7 +68,6 @@ def find_cut(histogram: list[int], test_fraction: float) -> tuple[int, int, int]
 
 def to_example(rating: Rating) -> bytes:
     """Serialise a rating as a tf.train.Example (the trainer's input format)."""
-    from tensorflow.core.example import example_pb2, feature_pb2
 
     def ints(value: int) -> feature_pb2.Feature:
         return feature_pb2.Feature(int64_list=feature_pb2.Int64List(value=[value]))

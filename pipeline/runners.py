@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from components import features as F
 from components.config import DEFAULT_IMAGE, PipelineConfig
 from components.errors import MtrecError
-from components.export import latest_version_path
+from components.layout import latest_version_path
 from pipeline.dag import create_pipeline
 
 log = logging.getLogger(__name__)

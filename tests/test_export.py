@@ -8,7 +8,8 @@ import tensorflow as tf
 from components import features as F
 from components.dataset import load_columns
 from components.errors import GateError
-from components.export import export_saved_model, list_versions, run_export
+from components.export import export_saved_model, run_export
+from components.layout import list_versions
 from components.model import SeenMovies
 
 

@@ -13,7 +13,7 @@ from components.config import (
     PreprocessingConfig,
     TrainingConfig,
 )
-from components.export import list_versions
+from components.layout import list_versions
 from pipeline import cli
 from pipeline.dag import compile_pipeline
 
@@ -29,7 +29,9 @@ def compiled(tmp_path_factory):
 def _all_tasks(spec):
     tasks = dict(spec["root"]["dag"]["tasks"])
     for name, component in spec["components"].items():
-        tasks.update({f"{name}/{k}": v for k, v in component.get("dag", {}).get("tasks", {}).items()})
+        tasks.update(
+            {f"{name}/{k}": v for k, v in component.get("dag", {}).get("tasks", {}).items()}
+        )
     return tasks
 
 

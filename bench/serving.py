@@ -1,0 +1,383 @@
+"""Benchmark the model server over loopback against the same calls made in-process (by hand).
+
+Why: the server's cost is its overhead on top of the model. Each figure is measured twice in the
+same run: through `mtrec serve` (a separate process, gRPC on 127.0.0.1) and by calling the loaded
+SavedModel's signature in this process, at 1, 8 and 32 concurrent clients. The ratio of the two is
+the server's overhead. Targets on a 2-core machine: retrieve p50 <= 2 ms at 1 client, >= 1,000
+requests/s at 8 clients, overhead <= 1.5x.
+
+- retrieve: `serving_default`, one user per request (users vary);
+- rank: `rank`, one user and 10 movies per request (the batched call `mtrec query` makes).
+Clients are asyncio gRPC calls on one channel with pre-serialised requests, so the client costs
+little of the CPU the server shares with it. Requests are bounded per level (count and seconds).
+
+Usage:
+    python bench/serving.py --model-base-path EXPORT_BASE [--model-name mtrec]
+    python bench/serving.py --data-dir /work/shared/data/ml-100k   # trains and exports first
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from tensorflow_serving.apis import predict_pb2  # noqa: E402
+
+from components import features as F  # noqa: E402
+from components.layout import metadata_path  # noqa: E402
+
+PREDICT = "/tensorflow.serving.PredictionService/Predict"
+RANK_BATCH = 10
+POOL = 256  # distinct pre-built requests per workload
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def build_export(data_dir: str, work_dir: str, model_name: str, epochs: int) -> str:
+    """The pipeline's own stages on a raw ml-100k folder; returns the export base path."""
+    from components.config import DEFAULT_TRAINING, PreprocessingConfig
+    from components.export import export_saved_model
+    from components.ingestion import run_ingestion
+    from components.model import SeenMovies
+    from components.preprocessing import run_preprocessing
+    from components.training import train_model
+
+    ratings, movies, examples = (
+        os.path.join(work_dir, n) for n in ("ratings", "movies", "examples")
+    )
+    base = os.path.join(work_dir, "serving")
+    run_ingestion(data_dir, ratings, movies)
+    run_preprocessing(ratings, examples, PreprocessingConfig())
+    model, _ = train_model(examples, DEFAULT_TRAINING.replace(epochs=epochs))
+    pairs = np.loadtxt(os.path.join(ratings, F.RATINGS_FILE), dtype=np.int64, usecols=(0, 1))
+    export_saved_model(
+        model, SeenMovies(pairs[:, 0], pairs[:, 1], model.num_users), base, model_name
+    )
+    return base
+
+
+def latest_version_dir(base: str, model_name: str) -> str:
+    model_dir = os.path.join(base, model_name)
+    versions = sorted(int(v) for v in os.listdir(model_dir) if v.isdigit())
+    if not versions:
+        sys.exit(f"no versions under {model_dir}")
+    return os.path.join(model_dir, str(versions[-1]))
+
+
+def workloads(num_users: int, num_movies: int, seed: int = 0) -> dict[str, list[dict]]:
+    """Input dicts per workload (numpy int32), drawn once so both sides see the same calls."""
+    rng = np.random.default_rng(seed)
+    users = rng.integers(1, num_users, size=POOL).astype(np.int32)
+    return {
+        "retrieve": [{F.USER_ID: np.asarray([u], np.int32)} for u in users],
+        "rank": [
+            {
+                F.USER_ID: np.full(RANK_BATCH, u, np.int32),
+                F.MOVIE_ID: rng.integers(1, num_movies, size=RANK_BATCH).astype(np.int32),
+            }
+            for u in users
+        ],
+    }
+
+
+SIGNATURES = {"retrieve": F.SIGNATURE_RETRIEVE, "rank": F.SIGNATURE_RANK}
+
+
+def summarise(latencies: list[float], wall: float) -> dict:
+    ms = np.asarray(latencies) * 1e3
+    return {
+        "requests": len(ms),
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "rps": len(ms) / wall,
+    }
+
+
+# --- in-process: the signature called directly, from `clients` threads ---
+
+
+def run_in_process(
+    function, inputs: list[dict], clients: int, requests: int, seconds: float
+) -> dict:
+    tensors = [{k: tf.constant(v) for k, v in item.items()} for item in inputs]
+    for item in tensors[:20]:
+        function(**item)
+    per_client = max(1, requests // clients)
+    deadline = time.perf_counter() + seconds
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def client(offset: int) -> None:
+        mine = []
+        for i in range(per_client):
+            if time.perf_counter() > deadline:
+                break
+            item = tensors[(offset + i) % len(tensors)]
+            started = time.perf_counter()
+            outputs = function(**item)
+            {k: v.numpy() for k, v in outputs.items()}
+            mine.append(time.perf_counter() - started)
+        with lock:
+            latencies.extend(mine)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, [c * 7 for c in range(clients)]))
+    return summarise(latencies, time.perf_counter() - started)
+
+
+# --- over gRPC: asyncio calls with pre-serialised requests ---
+
+
+def serialised_requests(model_name: str, signature: str, inputs: list[dict]) -> list[bytes]:
+    payloads = []
+    for item in inputs:
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = model_name
+        request.model_spec.signature_name = signature
+        for name, array in item.items():
+            request.inputs[name].CopyFrom(tf.make_tensor_proto(array))
+        payloads.append(request.SerializeToString())
+    return payloads
+
+
+async def _run_grpc(
+    target: str, payloads: list[bytes], clients: int, requests: int, seconds: float
+) -> dict:
+    # One channel (one connection) per client, as separate client processes would have.
+    channels = [grpc.aio.insecure_channel(target) for _ in range(clients)]
+    try:
+        calls = [channel.unary_unary(PREDICT) for channel in channels]  # bytes in, bytes out
+        for call in calls:
+            for payload in payloads[:5]:
+                predict_pb2.PredictResponse.FromString(await call(payload, timeout=10))
+        per_client = max(1, requests // clients)
+        deadline = time.perf_counter() + seconds
+        latencies: list[float] = []
+
+        async def client(call, offset: int) -> None:
+            for i in range(per_client):
+                if time.perf_counter() > deadline:
+                    return
+                started = time.perf_counter()
+                await call(payloads[(offset + i) % len(payloads)], timeout=10)
+                latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client(call, c * 7) for c, call in enumerate(calls)))
+        return summarise(latencies, time.perf_counter() - started)
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+def run_grpc(
+    target: str, payloads: list[bytes], clients: int, requests: int, seconds: float
+) -> dict:
+    return asyncio.run(_run_grpc(target, payloads, clients, requests, seconds))
+
+
+# --- the server process ---
+
+SERVE = (
+    "import argparse, logging, sys; from serving.cli import add_serve_arguments, serve_main; "
+    "logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s'); "
+    "p = argparse.ArgumentParser(); add_serve_arguments(p); sys.exit(serve_main(p.parse_args()))"
+)
+
+
+# The floor: the same gRPC server machinery with a handler that does nothing (empty response).
+ECHO = (
+    "import sys, threading; from concurrent import futures; import grpc; "
+    "from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc as svc\n"
+    "class Echo(svc.PredictionServiceServicer):\n"
+    "    def Predict(self, request, context): return predict_pb2.PredictResponse()\n"
+    "server = grpc.server(futures.ThreadPoolExecutor(int(sys.argv[1])))\n"
+    "svc.add_PredictionServiceServicer_to_server(Echo(), server)\n"
+    "print('gRPC on 127.0.0.1:%d' % server.add_insecure_port('127.0.0.1:0'), file=sys.stderr, flush=True)\n"
+    "server.start(); server.wait_for_termination()\n"
+)
+
+
+def _wait_for_start(process: subprocess.Popen) -> str:
+    """The server's start-up log line (it names the port and the handler threads)."""
+    for line in process.stderr:
+        if re.search(r"gRPC on 127\.0\.0\.1:(\d+)", line):
+            threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()
+            return line
+    sys.exit(f"the server did not start (exit status {process.wait()})")
+
+
+def _port(line: str) -> int:
+    return int(re.search(r"gRPC on 127\.0\.0\.1:(\d+)", line)[1])
+
+
+def start_echo_server(workers: int) -> tuple[subprocess.Popen, int]:
+    process = subprocess.Popen(
+        [sys.executable, "-c", ECHO, str(workers)], stderr=subprocess.PIPE, text=True, cwd=REPO
+    )
+    return process, _port(_wait_for_start(process))
+
+
+def start_server(args: argparse.Namespace, base: str) -> tuple[subprocess.Popen, int, int]:
+    """`mtrec serve` (through serving.cli) in its own process: returns it, its port and its
+    gRPC thread count. This file is bench/serving.py, so `import serving` here would import
+    itself: the server runs from the repository root and reports its settings in its log."""
+    command = [
+        *(sys.executable, "-c", SERVE, "--model-base-path", base, "--model-name", args.model_name),
+        *("--host", "127.0.0.1", "--port", "0", "--poll-seconds", "0"),
+        *("--inter-op-threads", str(args.inter_op_threads), "--workers", str(args.workers)),
+        "--batching" if args.batching else "--no-batching",
+    ]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    line = _wait_for_start(process)
+    return process, _port(line), int(re.search(r"(\d+) handler threads", line)[1])
+
+
+def print_table(rows: list[dict], floor: dict[int, dict]) -> None:
+    print(
+        "| workload | clients | server p50 ms | server p99 ms | server req/s | in-process p50 ms "
+        "| in-process p99 ms | in-process req/s | p50 ratio | req/s ratio |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        s, p = row["server"], row["in_process"]
+        print(
+            f"| {row['workload']} | {row['clients']} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | "
+            f"{s['rps']:,.0f} | {p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['rps']:,.0f} | "
+            f"{s['p50_ms'] / p['p50_ms']:.2f}x | {p['rps'] / s['rps']:.2f}x |"
+        )
+    if floor:
+        print()
+        print("gRPC floor (same server machinery, empty handler, same client):")
+        print("| clients | p50 ms | p99 ms | req/s |")
+        print("|---|---|---|---|")
+        for clients, f in floor.items():
+            print(f"| {clients} | {f['p50_ms']:.2f} | {f['p99_ms']:.2f} | {f['rps']:,.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model-base-path", help="an export base (<base>/<name>/<version>/)")
+    source.add_argument("--data-dir", help="a raw ml-100k folder: train and export first")
+    parser.add_argument("--model-name", default="mtrec")
+    parser.add_argument(
+        "--epochs", type=int, default=3, help="with --data-dir (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--clients", default="1,8,32", help="concurrency levels (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--requests", type=int, default=3000, help="per level (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=8.0, help="cap per level (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--inter-op-threads", type=int, default=1, help="server and in-process alike"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=0, help="server gRPC threads (0: its default)"
+    )
+    parser.add_argument(
+        "--batching", action=argparse.BooleanOptionalAction, default=True, help="server batching"
+    )
+    parser.add_argument(
+        "--floor",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure an empty-handler gRPC server (default: on)",
+    )
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args()
+
+    if args.inter_op_threads:
+        tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
+    base = args.model_base_path
+    if base is None:
+        base = build_export(
+            args.data_dir, tempfile.mkdtemp(prefix="mtrec-bench-"), args.model_name, args.epochs
+        )
+    version_dir = latest_version_dir(base, args.model_name)
+    with open(metadata_path(version_dir), encoding="utf-8") as handle:
+        info = json.load(handle)
+    saved_model = tf.saved_model.load(version_dir)
+    inputs = workloads(info["num_users"], info["num_movies"])
+    levels = [int(c) for c in args.clients.split(",")]
+    payloads = {
+        workload: serialised_requests(args.model_name, signature, inputs[workload])
+        for workload, signature in SIGNATURES.items()
+    }
+
+    rows = []
+    server, port, workers = start_server(args, base)
+    try:
+        for workload, signature in SIGNATURES.items():
+            for clients in levels:
+                local = run_in_process(
+                    saved_model.signatures[signature],
+                    inputs[workload],
+                    clients,
+                    args.requests,
+                    args.seconds,
+                )
+                remote = run_grpc(
+                    f"127.0.0.1:{port}", payloads[workload], clients, args.requests, args.seconds
+                )
+                rows.append(
+                    {
+                        "workload": workload,
+                        "clients": clients,
+                        "server": remote,
+                        "in_process": local,
+                    }
+                )
+                print(
+                    f"{workload:<8} {clients:>2} clients: server p50 {remote['p50_ms']:.2f} ms "
+                    f"p99 {remote['p99_ms']:.2f} ms {remote['rps']:,.0f}/s | in-process p50 "
+                    f"{local['p50_ms']:.2f} ms p99 {local['p99_ms']:.2f} ms {local['rps']:,.0f}/s",
+                    flush=True,
+                )
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    floor: dict[int, dict] = {}
+    if args.floor:
+        echo, port = start_echo_server(workers)
+        try:
+            for clients in levels:
+                floor[clients] = run_grpc(
+                    f"127.0.0.1:{port}", payloads["retrieve"], clients, args.requests, args.seconds
+                )
+        finally:
+            echo.terminate()
+            echo.wait(timeout=30)
+
+    print()
+    print(
+        f"{os.cpu_count()} cores; export {version_dir}; retrieve = 1 user, rank = {RANK_BATCH} pairs "
+        f"per request; server: {workers} gRPC threads, batching {'on' if args.batching else 'off'}"
+    )
+    print_table(rows, floor)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as out:
+            json.dump({"export": version_dir, "rows": rows, "floor": floor}, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Merging concurrent requests to one signature into one model call (TF Serving's batching,
+without its timeout).
+
+Why: a call of these small signatures costs ~0.3-0.5 ms whatever the batch (it is dominated by
+per-op dispatch), so eight users in one call cost about what one does. No request ever waits
+for a batch to fill: the first request runs alone at once; requests arriving while a call runs
+are merged into the next one. At one client nothing changes; under load, throughput grows.
+
+Rows must be independent (true of every mtrec signature: per-user retrieval, per-pair rating).
+A merged call that fails (one request's unknown id) is re-run request by request, so each
+request gets its own answer or error.
+"""
+
+import threading
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+
+from serving.errors import RequestError
+
+Arrays = dict[str, np.ndarray]
+
+
+class _Request:
+    __slots__ = ("arrays", "rows", "key", "done", "leads", "result", "error")
+
+    def __init__(self, arrays: Arrays):
+        self.arrays = arrays
+        first = next(iter(arrays.values()))
+        self.rows = first.shape[0]
+        # Requests merge only when every non-batch dimension and dtype agrees.
+        self.key = tuple((name, a.shape[1:], a.dtype.str) for name, a in sorted(arrays.items()))
+        self.done = threading.Event()
+        self.leads = False
+        self.result: Arrays | None = None
+        self.error: BaseException | None = None
+
+
+class Batcher:
+    """Leader/follower batching: one call in flight per signature; the thread whose request is
+    oldest runs the next call for everyone waiting (no extra thread, no hand-off on the
+    uncontended path)."""
+
+    def __init__(self, call: Callable[[Arrays], Arrays], max_rows: int = 0):
+        self._call = call
+        self._max_rows = max_rows
+        self._lock = threading.Lock()
+        self._pending: deque[_Request] = deque()
+        self._busy = False  # invariant: not busy => nothing pending
+
+    def run(self, arrays: Arrays) -> Arrays:
+        request = _Request(arrays)
+        with self._lock:
+            self._pending.append(request)
+            leads = not self._busy
+            self._busy = True
+        if not leads:
+            request.done.wait()
+            leads = request.leads
+        if leads:
+            self._lead()
+        if request.error is not None:
+            raise request.error
+        return request.result
+
+    def _lead(self) -> None:
+        """Run one batch (starting with the oldest request), then hand leadership on."""
+        try:
+            self._execute(self._take())
+        finally:
+            with self._lock:
+                if self._pending:
+                    successor = self._pending[0]
+                    successor.leads = True
+                    successor.done.set()
+                else:
+                    self._busy = False
+
+    def _take(self) -> list[_Request]:
+        with self._lock:
+            first = self._pending.popleft()
+            batch, rows, kept = [first], first.rows, deque()
+            while self._pending:
+                candidate = self._pending.popleft()
+                fits = not self._max_rows or rows + candidate.rows <= self._max_rows
+                if candidate.key == first.key and fits:
+                    batch.append(candidate)
+                    rows += candidate.rows
+                else:
+                    kept.append(candidate)
+            self._pending = kept
+        return batch
+
+    def _execute(self, batch: list[_Request]) -> None:
+        try:
+            if len(batch) == 1 or not self._run_merged(batch):
+                for request in batch:
+                    self._run_alone(request)
+        except BaseException as error:  # a bug: every waiter must still wake up
+            for request in batch:
+                if request.result is None and request.error is None:
+                    request.error = error
+        finally:
+            for request in batch[1:]:
+                request.done.set()
+
+    def _run_alone(self, request: _Request) -> None:
+        try:
+            request.result = self._call(request.arrays)
+        except RequestError as error:
+            request.error = error
+
+    def _run_merged(self, batch: list[_Request]) -> bool:
+        """One call for the whole batch; False when it must be re-run request by request."""
+        names = batch[0].arrays.keys()
+        merged = {name: np.concatenate([r.arrays[name] for r in batch]) for name in names}
+        total = sum(r.rows for r in batch)
+        try:
+            outputs = self._call(merged)
+        except RequestError:
+            return False
+        if any(array.ndim == 0 or array.shape[0] != total for array in outputs.values()):
+            return False
+        start = 0
+        for request in batch:
+            end = start + request.rows
+            request.result = {name: array[start:end] for name, array in outputs.items()}
+            start = end
+        return True
