@@ -50,15 +50,19 @@ def test_retrieval_loss_matches_hand_computation(reduction):
     assert loss == pytest.approx(expected, rel=1e-5)
 
 
-def test_total_loss_is_the_weighted_sum():
-    model, *_ = _tiny_model(retrieval_weight=2.0, ranking_weight=3.0, temperature=1.0)
+@pytest.mark.parametrize("l2", [0.0, 0.01])
+def test_total_loss_is_the_weighted_sum(l2):
+    model, users, movies, _ = _tiny_model(
+        retrieval_weight=2.0, ranking_weight=3.0, temperature=1.0, embedding_l2=l2
+    )
     x = {F.USER_ID: tf.constant([1, 2], tf.int32), F.MOVIE_ID: tf.constant([1, 2], tf.int32)}
     y = tf.constant([0.25, 1.0])
     out = model(x)
     retrieval = float(model._retrieval_loss(x[F.MOVIE_ID], out))
     mse = float(np.mean((y.numpy() - out[F.RATING].numpy()) ** 2))
     total = float(model.compute_loss(x, y, out))
-    assert total == pytest.approx(2.0 * retrieval + 3.0 * mse, rel=1e-5)
+    penalty = l2 * (np.square(users).sum() + np.square(movies).sum())
+    assert total == pytest.approx(2.0 * retrieval + 3.0 * mse + penalty, rel=1e-5)
 
 
 def test_recommend_skips_padding_non_candidates_and_seen():
