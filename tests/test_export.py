@@ -103,3 +103,15 @@ def test_export_refuses_an_unblessed_model(tmp_path, small_examples, small_model
     with pytest.raises(GateError, match=r"not blessed \(failed gates: rmse\)"):
         run_export(model_dir, small_examples["examples"], str(blessing), str(tmp_path / "s"), "m")
     assert not (tmp_path / "s").exists()
+
+
+def test_signatures_check_batch_shapes(exported):
+    loaded = tf.saved_model.load(exported[1])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="same batch size"):
+        loaded.signatures[F.SIGNATURE_RETRIEVE_EXCLUDING](
+            user_id=tf.constant([1], tf.int32), excluded_movie_ids=tf.zeros([2, 3], tf.int32)
+        )
+    with pytest.raises(tf.errors.InvalidArgumentError, match="same length"):
+        loaded.signatures[F.SIGNATURE_RANK](
+            user_id=tf.constant([1, 2], tf.int32), movie_id=tf.constant([1], tf.int32)
+        )
