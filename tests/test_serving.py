@@ -36,32 +36,11 @@ from serving.client import RecommenderClient
 from serving.errors import RequestError, invalid_argument
 from serving.grpc_api import encode_tensor
 from serving.server import ModelServer, ServerConfig
+from tests.conftest import write_movielens
 
 MODEL = "mtrec"
 USERS, MOVIES = 60, 40
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def write_tiny_movielens(
-    directory: str, users: int = USERS, movies: int = MOVIES, seed: int = 0
-) -> str:
-    """u.data / u.item in ML-100k's format: ~1,500 ratings, every movie rated at least once."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "u.data"), "w", encoding="utf-8") as out:
-        line = 0
-        for user in range(1, users + 1):
-            for movie in sorted(rng.choice(movies, size=25, replace=False) + 1):
-                out.write(f"{user}\t{movie}\t{rng.integers(1, 6)}\t{880000000 + line}\n")
-                line += 1
-    with open(os.path.join(directory, "u.item"), "w", encoding="latin-1") as out:
-        for movie in range(1, movies + 1):
-            out.write(
-                f"{movie}|Movie {movie} (199{movie % 10})|01-Jan-1995||http://x/{movie}"
-                + "|0" * 19
-                + "\n"
-            )
-    return directory
 
 
 def build_export(root: str) -> dict[str, str]:
@@ -77,7 +56,7 @@ def build_export(root: str) -> dict[str, str]:
         name: os.path.join(root, name)
         for name in ("raw", "ratings", "movies", "examples", "serving")
     }
-    write_tiny_movielens(paths["raw"])
+    write_movielens(paths["raw"], users=USERS, movies=MOVIES, per_user=25)
     run_ingestion(paths["raw"], paths["ratings"], paths["movies"])
     run_preprocessing(paths["ratings"], paths["examples"], PreprocessingConfig())
     model, _ = train_model(paths["examples"], DEFAULT_TRAINING.replace(epochs=2, batch_size=256))
