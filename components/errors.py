@@ -11,3 +11,22 @@ class DataError(MtrecError):
 
 class GateError(MtrecError):
     """A stage refused to go on (e.g. export of a model that is not blessed)."""
+
+
+class exit_on_error:  # noqa: N801 - used as a context manager, reads like a statement
+    """In a KFP task: a user-facing error ends the task with its message, not a traceback.
+
+    `with exit_on_error(): ...` prints `mtrec: error: <message>` and exits with status 2 on an
+    MtrecError; other exceptions (bugs) keep their traceback.
+    """
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if isinstance(error, MtrecError):
+            import sys
+
+            print(f"mtrec: error: {error}", file=sys.stderr, flush=True)
+            raise SystemExit(2)
+        return False

@@ -381,22 +381,24 @@ def evaluation_op(
     import shutil
 
     from components.config import GateConfig
+    from components.errors import exit_on_error
     from components.evaluation import run_evaluation
 
     logging.basicConfig(level=logging.INFO)
-    result = run_evaluation(
-        model.path,
-        examples.path,
-        blessing.path,
-        GateConfig.from_dict(gate_config),
-        serving_model_dir,
-        model_name,
-    )
-    for name, value in result.metrics.items():
-        metrics.log_metric(name, value)
-    for baseline, values in result.baselines.items():
-        for name, value in values.items():
-            metrics.log_metric(f"{baseline}/{name}", value)
-    shutil.copyfile(os.path.join(blessing.path, "report.html"), report.path)
-    blessing.metadata["blessed"] = result.blessed
-    return result.blessed
+    with exit_on_error():
+        result = run_evaluation(
+            model.path,
+            examples.path,
+            blessing.path,
+            GateConfig.from_dict(gate_config),
+            serving_model_dir,
+            model_name,
+        )
+        for name, value in result.metrics.items():
+            metrics.log_metric(name, value)
+        for baseline, values in result.baselines.items():
+            for name, value in values.items():
+                metrics.log_metric(f"{baseline}/{name}", value)
+        shutil.copyfile(os.path.join(blessing.path, "report.html"), report.path)
+        blessing.metadata["blessed"] = result.blessed
+        return result.blessed

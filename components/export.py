@@ -192,11 +192,13 @@ def export_op(
     """Export the blessed model to `<serving_model_dir>/<model_name>/<version>/`."""
     import logging
 
+    from components.errors import exit_on_error
     from components.export import run_export
 
     logging.basicConfig(level=logging.INFO)
-    path = run_export(model.path, examples.path, blessing.path, serving_model_dir, model_name)
-    pushed_model.uri = path
-    pushed_model.metadata.update(
-        {"pushed_destination": path, "version": int(path.rsplit("/", 1)[-1])}
-    )
+    with exit_on_error():
+        path = run_export(model.path, examples.path, blessing.path, serving_model_dir, model_name)
+        pushed_model.uri = path
+        pushed_model.metadata.update(
+            {"pushed_destination": path, "version": int(path.rsplit("/", 1)[-1])}
+        )

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -210,23 +211,49 @@ def _write_json(path: str, payload: dict) -> None:
         json.dump(payload, out, indent=2)
 
 
+TFDS_RATINGS = "movielens/100k-ratings"
+TFDS_MOVIES = "movielens/100k-movies"
+DOWNLOAD_HOST = "files.grouplens.org"  # where tensorflow-datasets fetches ml-100k.zip
+
+
+def _offline_error(reason: str) -> DataError:
+    return DataError(
+        f"could not load MovieLens through tensorflow-datasets ({reason}). "
+        "Offline? Pass --data-dir pointing at an ml-100k folder (u.data, u.item)."
+    )
+
+
+def _check_download_host(timeout: float = 5.0) -> None:
+    """Fail in seconds when GroupLens cannot be reached (tfds itself retries for minutes)."""
+    try:
+        socket.create_connection((DOWNLOAD_HOST, 443), timeout=timeout).close()
+    except OSError as err:
+        raise _offline_error(f"cannot reach {DOWNLOAD_HOST}: {err}") from None
+
+
 def ingest_tfds(
     ratings_dir: str, movies_dir: str, tfds_data_dir: str | None = None
 ) -> IngestionReport:
-    """Ingest `movielens/100k-ratings` + `100k-movies` via tensorflow-datasets (downloads online)."""
+    """Ingest `movielens/100k-ratings` + `100k-movies` via tensorflow-datasets (downloads once,
+    then reads its local copy)."""
     import tensorflow_datasets as tfds
 
     try:
-        ratings = tfds.load("movielens/100k-ratings", split="train", data_dir=tfds_data_dir)
-        movies = tfds.load("movielens/100k-movies", split="train", data_dir=tfds_data_dir)
+        prepared = all(
+            tfds.builder(name, data_dir=tfds_data_dir).is_prepared()
+            for name in (TFDS_RATINGS, TFDS_MOVIES)
+        )
+        if not prepared:
+            _check_download_host()
+        ratings = tfds.load(TFDS_RATINGS, split="train", data_dir=tfds_data_dir)
+        movies = tfds.load(TFDS_MOVIES, split="train", data_dir=tfds_data_dir)
+    except DataError:
+        raise
     except Exception as err:  # tfds raises many kinds of download/IO errors
-        raise DataError(
-            "could not load MovieLens through tensorflow-datasets "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
-            "Offline? Pass --data-dir pointing at an ml-100k folder (u.data, u.item)."
-        ) from None
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        raise _offline_error(f"{type(err).__name__}: {first_line}") from None
     tmp = _staging_dir(ratings_dir)
-    source = "tfds:movielens/100k-ratings"
+    source = f"tfds:{TFDS_RATINGS}"
     try:
         ratings_path = os.path.join(tmp, F.RATINGS_FILE)
         with open(ratings_path, "w", encoding="utf-8") as out:
@@ -240,9 +267,7 @@ def ingest_tfds(
             (int(row["movie_id"]), row["movie_title"].decode("utf-8", "replace"))
             for row in tfds.as_numpy(movies)
         )
-        count = _write_movies(
-            movie_rows, os.path.join(tmp, F.MOVIES_FILE), "tfds:movielens/100k-movies"
-        )
+        count = _write_movies(movie_rows, os.path.join(tmp, F.MOVIES_FILE), f"tfds:{TFDS_MOVIES}")
         report = IngestionReport(source, rows, invalid, count, problems)
         _publish(tmp, report, ratings_dir, movies_dir)
     finally:
@@ -286,11 +311,17 @@ def ingestion_op(data_dir: str, ratings: Output[Dataset], movies: Output[Dataset
     """Ingest MovieLens (raw folder or tensorflow-datasets) into ratings and movies artifacts."""
     import logging
 
+    from components.errors import exit_on_error
     from components.ingestion import run_ingestion
 
     logging.basicConfig(level=logging.INFO)
-    report = run_ingestion(data_dir, ratings.path, movies.path)
-    ratings.metadata.update(
-        {"source": report.source, "rows": report.ratings_rows, "invalid_rows": report.invalid_rows}
-    )
-    movies.metadata["movies"] = report.movies
+    with exit_on_error():
+        report = run_ingestion(data_dir, ratings.path, movies.path)
+        ratings.metadata.update(
+            {
+                "source": report.source,
+                "rows": report.ratings_rows,
+                "invalid_rows": report.invalid_rows,
+            }
+        )
+        movies.metadata["movies"] = report.movies

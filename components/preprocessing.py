@@ -399,11 +399,13 @@ def preprocessing_op(
     import logging
 
     from components.config import PreprocessingConfig
+    from components.errors import exit_on_error
     from components.preprocessing import run_preprocessing
 
     logging.basicConfig(level=logging.INFO)
-    config = PreprocessingConfig.from_dict(preprocessing_config)
-    stats = run_preprocessing(
-        ratings.path, examples.path, config, source_name=ratings.metadata.get("source")
-    )
-    examples.metadata.update({"rows": stats["rows"], "invalid_rows": stats["invalid_rows"]})
+    with exit_on_error():
+        config = PreprocessingConfig.from_dict(preprocessing_config)
+        stats = run_preprocessing(
+            ratings.path, examples.path, config, source_name=ratings.metadata.get("source")
+        )
+        examples.metadata.update({"rows": stats["rows"], "invalid_rows": stats["invalid_rows"]})

@@ -140,10 +140,12 @@ def training_op(
     import logging
 
     from components.config import TrainingConfig
+    from components.errors import exit_on_error
     from components.training import run_training
 
     logging.basicConfig(level=logging.INFO)
-    history = run_training(examples.path, model.path, TrainingConfig.from_dict(training_config))
-    for name, values in history.items():
-        training_metrics.log_metric(f"final_{name}", values[-1])
-    model.metadata["framework"] = "keras"
+    with exit_on_error():
+        history = run_training(examples.path, model.path, TrainingConfig.from_dict(training_config))
+        for name, values in history.items():
+            training_metrics.log_metric(f"final_{name}", values[-1])
+        model.metadata["framework"] = "keras"

@@ -66,7 +66,8 @@ def run_local(config: PipelineConfig) -> LocalRun:
     outputs = getattr(task, "outputs", None) or {}
     if "blessing" not in outputs:
         raise MtrecError(
-            "the pipeline failed before evaluation finished; the failing task's log is above"
+            "the pipeline failed before evaluation finished: the failing task's "
+            "'mtrec: error:' line above says why"
         )
     blessing_dir = outputs["blessing"].path
     for name in os.listdir(blessing_dir):

@@ -118,6 +118,19 @@ def test_cli_compile(tmp_path, capsys):
     assert out.exists() and "wrote" in capsys.readouterr().out
 
 
+def test_a_failing_task_reports_its_error_without_a_traceback(tmp_path, capfd):
+    from components.errors import MtrecError
+    from pipeline.runners import run_local
+
+    config = PipelineConfig(data_dir=str(tmp_path / "missing"), output_dir=str(tmp_path / "out"))
+    with pytest.raises(MtrecError, match="the pipeline failed before evaluation finished"):
+        run_local(config)
+    printed = capfd.readouterr()
+    output = printed.out + printed.err
+    assert "mtrec: error: " in output and "u.data: not found" in output
+    assert "Traceback" not in output
+
+
 @pytest.mark.slow
 def test_local_run_exports_when_blessed_and_a_failing_gate_blocks_export(tmp_path, small_data_dir):
     from pipeline.runners import run_local
