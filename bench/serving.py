@@ -13,7 +13,7 @@ little of the CPU the server shares with it. Requests are bounded per level (cou
 
 Usage:
     python bench/serving.py --model-base-path EXPORT_BASE [--model-name mtrec]
-    python bench/serving.py --data-dir /work/shared/data/ml-100k   # trains and exports first
+    python bench/serving.py --data-dir path/to/ml-100k   # trains and exports first
 """
 
 from __future__ import annotations
