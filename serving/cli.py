@@ -146,6 +146,11 @@ def add_query_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also recommend movies the user already rated (the seed's behaviour)",
     )
+    parser.add_argument(
+        "--by-rating",
+        action="store_true",
+        help="order the retrieved movies by predicted stars (retrieve, then rank)",
+    )
     parser.add_argument("--version", type=int, help="pin a model version (default: the latest)")
     parser.add_argument(
         "--timeout", type=float, default=10.0, help="seconds per call (default: %(default)s)"
@@ -162,7 +167,7 @@ def query_main(args: argparse.Namespace) -> int:
         args.target, args.model_name, version=args.version, timeout=args.timeout, titles=titles
     ) as client:
         recommendations = client.recommend(
-            args.user_id, k=args.top_k, include_seen=args.include_seen
+            args.user_id, k=args.top_k, include_seen=args.include_seen, by_rating=args.by_rating
         )
     print(format_recommendations(args.user_id, recommendations, args.include_seen))
     if not args.movies:

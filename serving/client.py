@@ -191,11 +191,12 @@ class RecommenderClient:
         return Ranking(outputs[F.OUT_RATING], outputs[F.OUT_STARS], version)
 
     def recommend(
-        self, user_id: int, k: int = 10, include_seen: bool = False
+        self, user_id: int, k: int = 10, include_seen: bool = False, by_rating: bool = False
     ) -> list[Recommendation]:
         """The user's top-k (at most the export's k) with predicted stars: one retrieval call and
         one batched rank call. `include_seen` keeps movies the user already rated (the seed's
-        behaviour)."""
+        behaviour); `by_rating` orders the retrieved movies by predicted stars (retrieve, then
+        rank) instead of by retrieval score."""
         if k <= 0:
             raise ServingClientError(f"k must be positive, got {k}")
         excluded = np.zeros([1, 0], np.int32) if include_seen else None
@@ -206,10 +207,13 @@ class RecommenderClient:
         if ids.size == 0:
             return []
         stars = self.rank(np.full(ids.shape, user_id, np.int32), ids).stars
-        return [
+        recommendations = [
             Recommendation(int(m), self.titles.get(int(m)), float(s), float(r))
             for m, s, r in zip(ids, scores, stars, strict=True)
         ]
+        if by_rating:
+            recommendations.sort(key=lambda rec: rec.stars, reverse=True)
+        return recommendations
 
     # --- checks ---
 

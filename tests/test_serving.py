@@ -545,6 +545,14 @@ def test_query_prints_ten_titles_with_ratings(server, export, capsys):
     assert "rated movies included" in capsys.readouterr().out
 
 
+def test_recommend_by_rating_reorders_the_same_movies(client):
+    retrieved = client.recommend(5, k=10)
+    ranked = client.recommend(5, k=10, by_rating=True)
+    assert sorted(r.movie_id for r in ranked) == sorted(r.movie_id for r in retrieved)
+    stars = [r.stars for r in ranked]
+    assert stars == sorted(stars, reverse=True)
+
+
 def test_query_errors_are_one_line(server, export):
     with pytest.raises(MtrecError) as caught:
         query_main(parse_query("--target", "127.0.0.1:1", "--user-id", "5", "--timeout", "3"))
