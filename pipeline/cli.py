@@ -341,10 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_serving_commands(commands) -> None:
     """`mtrec serve` and `mtrec query` (serving/)."""
-    try:
-        from serving import cli as serving_cli
-    except ImportError:  # serving not built yet
-        return
+    from serving import cli as serving_cli
+
     srv = commands.add_parser("serve", help="serve an export over the TF Serving gRPC API")
     serving_cli.add_serve_arguments(srv)
     srv.set_defaults(func=serving_cli.serve_main)
