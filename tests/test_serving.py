@@ -510,20 +510,13 @@ def parse_query(*argv: str) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
+def query_user_5(server, movies: str, *extra: str) -> int:
+    target = f"127.0.0.1:{server.port}"
+    return query_main(parse_query("--target", target, "--user-id", "5", "--movies", movies, *extra))
+
+
 def test_query_prints_ten_titles_with_ratings(server, export, capsys):
-    assert (
-        query_main(
-            parse_query(
-                "--target",
-                f"127.0.0.1:{server.port}",
-                "--user-id",
-                "5",
-                "--movies",
-                export["movies"],
-            )
-        )
-        == 0
-    )
+    assert query_user_5(server, export["movies"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("Top 10 movies for user 5")
     rows = lines[1:]
@@ -531,17 +524,7 @@ def test_query_prints_ten_titles_with_ratings(server, export, capsys):
     for row in rows:
         assert re.match(r"^\s*\d+\. Movie \d+ \(199\d\)\s+[1-5]\.\d\d stars", row), row
     movies_file = os.path.join(export["movies"], F.MOVIES_FILE)
-    query_main(
-        parse_query(
-            "--target",
-            f"127.0.0.1:{server.port}",
-            "--user-id",
-            "5",
-            "--movies",
-            movies_file,
-            "--include-seen",
-        )
-    )
+    query_user_5(server, movies_file, "--include-seen")
     assert "rated movies included" in capsys.readouterr().out
 
 
@@ -603,44 +586,24 @@ def test_mtrec_serve_and_query_cli_with_sigterm(export):
                 port = int(found[1])
                 break
         assert port, "the server did not report its port"
-        query = subprocess.run(
-            [
+
+        def cli_query(*args: str) -> subprocess.CompletedProcess:
+            command = [
                 sys.executable,
                 "-m",
                 "pipeline.cli",
                 "query",
                 "--target",
                 f"127.0.0.1:{port}",
-                "--user-id",
-                "7",
-                "--movies",
-                export["movies"],
-            ],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+            ]
+            return subprocess.run(
+                [*command, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+            )
+
+        query = cli_query("--user-id", "7", "--movies", export["movies"])
         assert query.returncode == 0, query.stderr
         assert len(re.findall(r"Movie \d+ .* stars", query.stdout)) == 10
-        bad = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pipeline.cli",
-                "query",
-                "--target",
-                f"127.0.0.1:{port}",
-                "--user-id",
-                "0",
-            ],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        bad = cli_query("--user-id", "0")
         assert bad.returncode == 2
         assert bad.stderr.strip().splitlines()[-1].startswith("mtrec: error:")
         assert "Traceback" not in bad.stderr
