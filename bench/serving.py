@@ -49,10 +49,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def build_export(data_dir: str, work_dir: str, model_name: str, epochs: int) -> str:
     """The pipeline's own stages on a raw ml-100k folder; returns the export base path."""
     from components.config import DEFAULT_TRAINING, PreprocessingConfig
-    from components.export import export_saved_model
     from components.ingestion import run_ingestion
     from components.model import SeenMovies
     from components.preprocessing import run_preprocessing
+    from components.saved_model import export_saved_model
     from components.training import train_model
 
     ratings, movies, examples = (

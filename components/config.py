@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Self
 
 from components.errors import MtrecError
+from components.features import DEFAULT_MODEL_NAME
 
 
 class ConfigError(MtrecError, ValueError):
@@ -36,7 +37,10 @@ def _coerce(owner: str, name: str, hint: Any, value: Any) -> Any:
         if isinstance(value, str):
             return value
     elif typing.get_origin(hint) is tuple:
-        if isinstance(value, list | tuple) and all(
+        if typing.get_args(hint)[0] is str and isinstance(value, list | tuple):
+            if all(isinstance(v, str) for v in value):
+                return tuple(value)
+        elif isinstance(value, list | tuple) and all(
             isinstance(v, int | float) and float(v).is_integer() for v in value
         ):
             return tuple(int(v) for v in value)
@@ -80,6 +84,8 @@ class PreprocessingConfig(_Section):
     """Beam preprocessing: split and bad-row policy."""
 
     test_fraction: float = 0.2  # the seed's 80,000 / 20,000 on ML-100k (exact counts)
+    # Carved from the rest (train): curves, early stopping and tuning never read the test split.
+    validation_fraction: float = 0.1
     split_seed: int = 42
     max_invalid_share: float = 0.0  # fail when more than this share of rows is malformed
     runner: str = "DirectRunner"  # Prism downloads a binary at run time: name the runner
@@ -87,6 +93,10 @@ class PreprocessingConfig(_Section):
     def validate(self) -> None:
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ConfigError(
+                f"validation_fraction must be in [0, 1), got {self.validation_fraction}"
+            )
         if not 0.0 <= self.max_invalid_share <= 1.0:
             raise ConfigError(f"max_invalid_share must be in [0, 1], got {self.max_invalid_share}")
 
@@ -159,15 +169,60 @@ class GateConfig(_Section):
 # Where the pipeline's pieces live in a cluster; both are overridable from the CLI.
 DEFAULT_IMAGE = "ghcr.io/mtrec/mtrec-python:0.1.0"  # built from ./Dockerfile
 DEFAULT_SERVING_MODEL_DIR = "/mnt/models"  # the volume a TF Serving deployment reads
+# Secret keys exposed as environment by `--secret NAME` (the standard AWS variables s3fs reads).
+DEFAULT_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+@dataclass(frozen=True)
+class KubeflowConfig(_Section):
+    """How the compiled pipeline runs on a cluster: image, volumes, secrets, caching, retries,
+    resources. Only platform settings: nothing here changes what the pipeline computes."""
+
+    image: str = DEFAULT_IMAGE
+    # "NAME=/mount/path": a PersistentVolumeClaim mounted into the tasks that read data or
+    # read/write models (ingestion, evaluation, push).
+    pvcs: tuple[str, ...] = field(default=(), metadata={"flag": "pvc"})
+    # "NAME" or "NAME=KEY,KEY": a Secret whose keys become environment variables of the same
+    # names in those tasks (object-store credentials; never in the YAML itself).
+    secrets: tuple[str, ...] = field(default=(), metadata={"flag": "secret"})
+    enable_caching: bool = True
+    retries: int = 2  # on the tasks that touch the network (ingestion, evaluation, push)
+    training_cpu: str = "4"
+    training_memory: str = "16G"
+    gpu_type: str = "nvidia.com/gpu"
+    gpu_limit: int = 1
+
+    def validate(self) -> None:
+        for pvc in self.pvcs:
+            name, sep, path = pvc.partition("=")
+            if not (name and sep and path.startswith("/")):
+                raise ConfigError(f"pvc must be NAME=/mount/path, got {pvc!r}")
+        for secret in self.secrets:
+            if not secret.partition("=")[0]:
+                raise ConfigError(f"secret must be NAME or NAME=KEY,KEY, got {secret!r}")
+        if self.retries < 0 or self.gpu_limit < 0:
+            raise ConfigError("retries and gpu_limit must be >= 0")
+
+    def volume_mounts(self) -> list[tuple[str, str]]:
+        return [tuple(p.split("=", 1)) for p in self.pvcs]  # type: ignore[misc]
+
+    def secret_envs(self) -> list[tuple[str, dict[str, str]]]:
+        out = []
+        for secret in self.secrets:
+            name, _, keys = secret.partition("=")
+            names = [k.strip() for k in keys.split(",") if k.strip()] or list(DEFAULT_SECRET_KEYS)
+            out.append((name, {key: key for key in names}))
+        return out
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
     """Everything one pipeline run needs."""
 
-    data_dir: str = ""  # raw ml-100k folder; empty = tensorflow-datasets
+    data_dir: str = ""  # raw ml-100k folder (local, s3:// or gs://); empty = tensorflow-datasets
     output_dir: str = "mtrec-output"
-    model_name: str = "mtrec"
+    model_name: str = DEFAULT_MODEL_NAME
+    serving_model_dir: str = ""  # where blessed models are pushed; empty = <output_dir>/serving
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     gates: GateConfig = field(default_factory=GateConfig)

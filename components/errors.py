@@ -14,13 +14,17 @@ class GateError(MtrecError):
 
 
 class exit_on_error:  # noqa: N801 - used as a context manager, reads like a statement
-    """In a KFP task: a user-facing error ends the task with its message, not a traceback.
+    """A KFP task's body: logging set up once, and a user-facing error ends the task with its
+    message, not a traceback.
 
     `with exit_on_error(): ...` prints `mtrec: error: <message>` and exits with status 2 on an
     MtrecError; other exceptions (bugs) keep their traceback.
     """
 
     def __enter__(self) -> None:
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         return None
 
     def __exit__(self, kind, error, traceback) -> bool:

@@ -1,38 +1,38 @@
-"""Stage 4, evaluation: metrics on the test split, baselines in the same run, gates, report.
+"""Stage 4, evaluation: the trained SavedModel scored through its serving signatures, baselines
+in the same run, gates, report.
 
-Protocol (the standard one): each user's top-k over the whole catalogue, movies the user rated in
-training excluded. Metrics: hit@10 over 5-star test ratings (the seed's metric without seen
-movies), recall@10 and NDCG@10 over test movies rated >= 4, the seed's own metric (seen
-included), and RMSE (normalised and in stars). Baselines computed on the same split: popularity,
-global mean, a user+item bias model. Gates: absolute thresholds, beating the baselines, and no
-regression beyond a tolerance against the previously blessed model in the export location.
+The candidate is the artifact training wrote, used only through `retrieve_excluding` and `rank`
+(`saved_model.ServedModel`), and the previously blessed model is scored by the same code: the
+offline figures are the served model's by construction. Protocol (the standard one): each
+test user's top-k over the whole catalogue, movies the user rated in training excluded. Metrics:
+hit@10 over 5-star test ratings (the seed's metric without seen movies), recall@10 and NDCG@10
+over test movies rated >= 4, the seed's own metric (seen included), and RMSE (normalised and in
+stars). Baselines computed on the same split: popularity, global mean, a user+item bias model.
 """
 
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
-from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 from components import features as F
 from components import metrics as M
+from components import progress, storage
 from components.baselines import BiasModel, global_mean_predict, popularity_top_k
 from components.config import GateConfig
-from components.dataset import load_columns
-from components.layout import metadata_path
-from components.model import Recommender, SeenMovies
+from components.errors import DataError
+from components.examples import load_columns, load_stats
+from components.gates import Gate, all_passed, build_gates
+from components.layout import latest_version_path
+from components.saved_model import ServedModel, read_history, read_metadata
 
 log = logging.getLogger(__name__)
 
 K = 10
-CURVE_MAX_K = 100
-USER_CHUNK = 1024
-METRICS_FILE = "metrics.json"
-BLESSING_FILE = "blessing.json"
 STARS_PER_UNIT = F.MAX_STARS - F.MIN_STARS
 
 # Published / re-measured figures of the seed notebook's joint model on its split (ML-100k).
@@ -53,29 +53,13 @@ class Split:
         c = load_columns(examples_dir, split)
         return cls(c[F.USER_ID], c[F.MOVIE_ID], c[F.RATING], c[F.STARS])
 
-
-@dataclass
-class Gate:
-    name: str
-    value: float
-    threshold: float
-    comparison: str  # "<=" or ">="
-    description: str
-
-    @property
-    def passed(self) -> bool:
-        if self.comparison == "<=":
-            return bool(self.value <= self.threshold + 1e-12)
-        return bool(self.value >= self.threshold - 1e-12)
-
-    def to_dict(self) -> dict[str, Any]:
+    def movies_by_user(self) -> dict[int, np.ndarray]:
+        order = np.argsort(self.users, kind="stable")
+        users, movies = self.users[order], self.movies[order]
+        starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
         return {
-            "name": self.name,
-            "value": self.value,
-            "threshold": self.threshold,
-            "comparison": self.comparison,
-            "passed": self.passed,
-            "description": self.description,
+            int(users[start]): movies[start:stop]
+            for start, stop in zip(starts, np.r_[starts[1:], len(users)], strict=True)
         }
 
 
@@ -89,7 +73,7 @@ class EvaluationResult:
 
     @property
     def blessed(self) -> bool:
-        return all(g.passed for g in self.gates)
+        return all_passed(self.gates)
 
     def blessing(self) -> dict[str, Any]:
         return {
@@ -99,19 +83,20 @@ class EvaluationResult:
         }
 
     def table(self) -> list[dict[str, Any]]:
-        """Rows of the report: model, baselines, previous model and the seed's figures."""
-        rows = [{"system": "model", **self.metrics}]
-        for name, values in self.baselines.items():
-            rows.append({"system": f"baseline: {name}", **values})
-        if self.previous:
-            rows.append(
-                {
-                    "system": f"previous blessed (v{self.previous['version']})",
-                    **self.previous["metrics"],
-                }
-            )
-        rows.append(dict(SEED_REFERENCE))
-        return rows
+        return table_rows(
+            {"model": self.metrics, "baselines": self.baselines, "previous": self.previous}
+        )
+
+
+def table_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of the report from metrics.json's content: model, baselines, previous model, seed."""
+    rows = [{"system": "model", **metrics["model"]}]
+    rows += [{"system": f"baseline: {k}", **v} for k, v in metrics["baselines"].items()]
+    previous = metrics.get("previous")
+    if previous:
+        rows.append({"system": f"previous blessed (v{previous['version']})", **previous["metrics"]})
+    rows.append(dict(SEED_REFERENCE))
+    return rows
 
 
 # --- metrics over top-k lists ---
@@ -132,42 +117,36 @@ def rating_metrics(predicted: np.ndarray, test: Split) -> dict[str, float]:
     return {"rmse": error, "rmse_stars": error * STARS_PER_UNIT}
 
 
-def model_top_k(
-    model: Recommender, k: int, seen: SeenMovies | None = None, chunk: int = USER_CHUNK
-) -> np.ndarray:
-    """[num_users, k] movie ids for every user id (row = user id), in batches of users."""
-    rows = []
-    for start in range(0, model.num_users, chunk):
-        users = tf.range(start, min(start + chunk, model.num_users), dtype=tf.int32)
-        _, ids = model.recommend(users, k=k, seen=seen)
-        rows.append(np.asarray(ids))
-    return np.concatenate(rows)
+def score_served_model(
+    model: ServedModel, train: Split, test: Split
+) -> tuple[dict[str, float], np.ndarray]:
+    """Metrics and hit@k curve (k = 1..model.k) of a SavedModel, through its signatures.
 
-
-def evaluate_model(model: Recommender, train: Split, test: Split) -> tuple[dict, np.ndarray]:
-    """The candidate's metrics and its hit@k curve (k = 1..100, seen excluded)."""
-    seen = SeenMovies(train.users, train.movies, model.num_users)
-    k_curve = min(CURVE_MAX_K, len(model.candidate_ids))
-    top = model_top_k(model, k_curve, seen)
-    metrics = topk_metrics(top, test)
-    top_with_seen = model_top_k(model, K)
+    Test users the model does not know (a previous model trained on fewer users) get no
+    recommendations, and their ratings the training mean: they count as misses."""
+    users = np.unique(test.users)
+    known = users[users < model.num_users]
+    seen = train.movies_by_user()
+    empty = np.zeros(0, dtype=np.int32)
+    reporter = progress.Reporter("users", 2 * len(known))
+    top = np.full((int(test.users.max(initial=0)) + 1, model.k), -1, dtype=np.int32)
+    top_with_seen = top.copy()
+    for start in range(0, len(known), 4096):
+        batch = known[start : start + 4096]
+        top[batch] = model.top_k(batch, [seen.get(int(u), empty) for u in batch])
+        reporter.advance(len(batch))
+        top_with_seen[batch] = model.top_k(batch)
+        reporter.advance(len(batch))
+    k = min(K, model.k)
+    metrics = topk_metrics(top, test, k)
     metrics["seed_hit@10"] = float(
-        M.hit_rate_curve(top_with_seen, test.users, test.movies, test.stars, 5.0, K)[-1]
+        M.hit_rate_curve(top_with_seen, test.users, test.movies, test.stars, 5.0, k)[-1]
     )
-    predicted = (
-        np.concatenate(
-            [
-                np.asarray(
-                    model.predict_rating(test.users[i : i + 65536], test.movies[i : i + 65536])
-                )
-                for i in range(0, len(test.users), 65536)
-            ]
-        )
-        if len(test.users)
-        else np.zeros(0)
-    )
+    predicted = np.full(len(test.users), float(np.mean(train.ratings)), dtype=np.float32)
+    scorable = (test.users < model.num_users) & (test.movies < model.num_movies)
+    predicted[scorable] = model.predict_rating(test.users[scorable], test.movies[scorable])
     metrics.update(rating_metrics(predicted, test))
-    curve = M.hit_rate_curve(top, test.users, test.movies, test.stars, 5.0, k_curve)
+    curve = M.hit_rate_curve(top, test.users, test.movies, test.stars, 5.0, model.k)
     return metrics, curve
 
 
@@ -192,92 +171,8 @@ def evaluate_baselines(
     return baselines, curves
 
 
-def evaluate_saved_model(path: str, train: Split, test: Split, num_users: int) -> dict[str, float]:
-    """Metrics of a previously exported model on the current split, through its signatures."""
-    loaded = tf.saved_model.load(path)
-    with open(metadata_path(path), encoding="utf-8") as handle:
-        info = json.load(handle)
-    rank = loaded.signatures[F.SIGNATURE_RANK]
-    retrieve = loaded.signatures[F.SIGNATURE_RETRIEVE_EXCLUDING]
-    known_users = min(num_users, int(info["num_users"]))
-    known_movies = int(info["num_movies"])
-    known = (test.users < known_users) & (test.movies < known_movies)
-    predicted = np.full(len(test.users), float(np.mean(train.ratings)), dtype=np.float32)
-    for i in range(0, int(known.sum()), 65536):
-        idx = np.flatnonzero(known)[i : i + 65536]
-        predicted[idx] = rank(
-            user_id=tf.constant(test.users[idx], tf.int32),
-            movie_id=tf.constant(test.movies[idx], tf.int32),
-        )[F.OUT_RATING].numpy()
-    metrics = rating_metrics(predicted, test)
-    seen = SeenMovies(train.users, train.movies, num_users).ragged()
-    top = np.zeros((num_users, int(info["k"])), dtype=np.int32)
-    for start in range(1, known_users, USER_CHUNK):
-        users = np.arange(start, min(start + USER_CHUNK, known_users), dtype=np.int32)
-        excluded = seen[start : start + len(users)].to_tensor(0)
-        out = retrieve(user_id=tf.constant(users), excluded_movie_ids=tf.cast(excluded, tf.int32))
-        top[users] = out[F.OUT_MOVIE_IDS].numpy()
-    metrics.update(topk_metrics(top, test, min(K, top.shape[1])))
-    return metrics
-
-
-def build_gates(
-    metrics: dict[str, float],
-    baselines: dict[str, dict[str, float]],
-    previous: dict[str, Any] | None,
-    config: GateConfig,
-) -> list[Gate]:
-    hit, rmse = metrics["hit@10"], metrics["rmse"]
-    gates = [
-        Gate("rmse", rmse, config.max_rmse, "<=", "RMSE (normalised) at most max_rmse"),
-        Gate(
-            "hit@10", hit, config.min_hit_rate, ">=", "hit@10 (seen excluded) at least min_hit_rate"
-        ),
-    ]
-    if config.require_beat_baselines:
-        gates.append(
-            Gate(
-                "hit@10 vs popularity",
-                hit,
-                baselines["popularity"]["hit@10"] + config.baseline_hit_rate_margin,
-                ">=",
-                "beats popularity's hit@10 by baseline_hit_rate_margin",
-            )
-        )
-        gates.append(
-            Gate(
-                "rmse vs user+item bias",
-                rmse,
-                baselines["user+item bias"]["rmse"] - config.baseline_rmse_margin,
-                "<=",
-                "beats the bias model's RMSE by baseline_rmse_margin",
-            )
-        )
-    if previous:
-        version = previous["version"]
-        gates.append(
-            Gate(
-                f"rmse vs blessed v{version}",
-                rmse,
-                previous["metrics"]["rmse"] + config.max_regression_rmse,
-                "<=",
-                "no worse than the previously blessed model by more than max_regression_rmse",
-            )
-        )
-        gates.append(
-            Gate(
-                f"hit@10 vs blessed v{version}",
-                hit,
-                previous["metrics"]["hit@10"] - config.max_regression_hit_rate,
-                ">=",
-                "no worse than the previously blessed model by more than max_regression_hit_rate",
-            )
-        )
-    return gates
-
-
 def evaluate(
-    model: Recommender,
+    model_dir: str,
     examples_dir: str,
     config: GateConfig,
     previous_model_path: str | None = None,
@@ -285,44 +180,53 @@ def evaluate(
     """Everything the stage computes, as a plain result object (no files written)."""
     train = Split.load(examples_dir, F.TRAIN_SPLIT)
     test = Split.load(examples_dir, F.TEST_SPLIT)
-    metrics, curve = evaluate_model(model, train, test)
-    baselines, curves = evaluate_baselines(train, test, model.num_users, len(curve))
+    candidate = ServedModel(model_dir)
+    metrics, curve = score_served_model(candidate, train, test)
+    baselines, curves = evaluate_baselines(
+        train, test, max(candidate.num_users, int(test.users.max(initial=0)) + 1), len(curve)
+    )
     previous = None
     if previous_model_path:
-        version = int(os.path.basename(os.path.normpath(previous_model_path)))
         log.info("comparing with the previously blessed model %s", previous_model_path)
+        with (
+            tempfile.TemporaryDirectory(prefix="mtrec-previous-") as workdir,
+            storage.local_copy(previous_model_path, workdir) as local,
+        ):
+            previous_metrics, _ = score_served_model(ServedModel(local), train, test)
         previous = {
-            "version": version,
+            "version": int(storage.basename(previous_model_path)),
             "path": previous_model_path,
-            "metrics": evaluate_saved_model(previous_model_path, train, test, model.num_users),
+            "metrics": previous_metrics,
         }
     gates = build_gates(metrics, baselines, previous, config)
     return EvaluationResult(metrics, baselines, previous, gates, {"model": curve, **curves})
 
 
 def write_evaluation(
-    result: EvaluationResult, out_dir: str, history: dict | None
+    result: EvaluationResult, out_dir: str, context: dict[str, Any] | None = None
 ) -> dict[str, str]:
-    """metrics.json, blessing.json and the report (Markdown, HTML, PNGs) into `out_dir`."""
+    """metrics.json, blessing.json and the report (Markdown, HTML, PNGs), published together
+    into `out_dir`. `context` feeds the report: history, data statistics, configuration,
+    stage timings."""
     from components.report import write_report
 
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, METRICS_FILE), "w", encoding="utf-8") as handle:
-        json.dump(
-            {"model": result.metrics, "baselines": result.baselines, "previous": result.previous},
-            handle,
-            indent=2,
+    with storage.atomic_output_dir(out_dir) as staging:
+        with open(os.path.join(staging, F.METRICS_FILE), "w", encoding="utf-8") as handle:
+            json.dump(
+                {"model": result.metrics, "baselines": result.baselines, "previous": result.previous},
+                handle,
+                indent=2,
+            )
+        with open(os.path.join(staging, F.BLESSING_FILE), "w", encoding="utf-8") as handle:
+            json.dump(result.blessing(), handle, indent=2)
+        names = write_report(
+            staging,
+            result.table(),
+            result.hit_curves,
+            gates=[g.to_dict() for g in result.gates],
+            **(context or {}),
         )
-    with open(os.path.join(out_dir, BLESSING_FILE), "w", encoding="utf-8") as handle:
-        json.dump(result.blessing(), handle, indent=2)
-    paths = write_report(
-        out_dir,
-        result.table(),
-        history,
-        result.hit_curves,
-        gates=[g.to_dict() for g in result.gates],
-    )
-    return {"metrics": os.path.join(out_dir, METRICS_FILE), **paths}
+    return {key: os.path.join(out_dir, os.path.basename(path)) for key, path in names.items()}
 
 
 def run_evaluation(
@@ -331,21 +235,28 @@ def run_evaluation(
     out_dir: str,
     config: GateConfig,
     serving_model_dir: str = "",
-    model_name: str = "",
+    model_name: str = F.DEFAULT_MODEL_NAME,
 ) -> EvaluationResult:
-    """Evaluate a trained model artifact; compare with the latest export when there is one."""
-    from components.layout import latest_version_path
-    from components.training import HISTORY_FILE
-
-    model = Recommender.load_artifact(model_dir)
+    """Evaluate a trained SavedModel; compare with the latest pushed version when there is one
+    (local, s3:// or gs://)."""
     previous = latest_version_path(serving_model_dir, model_name) if serving_model_dir else None
-    result = evaluate(model, examples_dir, config, previous)
-    history_path = os.path.join(model_dir, HISTORY_FILE)
-    history = None
-    if os.path.isfile(history_path):
-        with open(history_path, encoding="utf-8") as handle:
-            history = json.load(handle)
-    write_evaluation(result, out_dir, history)
+    result = evaluate(model_dir, examples_dir, config, previous)
+    info = read_metadata(model_dir)
+    stats = load_stats(examples_dir)
+    context = {
+        "history": read_history(model_dir),
+        "data": {
+            "rows": stats["rows"],
+            "users": stats["users"],
+            "movies": stats["movies"],
+            "dead letters": stats["invalid_rows"],
+            "split": f"random (seed {stats['split_seed']}, test {stats['test_fraction']}, "
+            f"validation {stats['validation_fraction']} of the rest)",
+        },
+        "configuration": {"training": info.get("training_config", {}), "gates": config.to_dict()},
+        "timings": {"training (s)": info.get("train_seconds")},
+    }
+    write_evaluation(result, out_dir, context)
     verdict = "BLESSED" if result.blessed else "NOT BLESSED"
     log.info("evaluation: %s %s", verdict, json.dumps(result.metrics, sort_keys=True))
     for gate in result.gates:
@@ -360,45 +271,9 @@ def run_evaluation(
     return result
 
 
-# --- KFP component ---
-
-
-def evaluation_op(
-    model: Input[Model],
-    examples: Input[Dataset],
-    gate_config: dict,
-    serving_model_dir: str,
-    model_name: str,
-    metrics: Output[Metrics],
-    blessing: Output[Artifact],
-    report: Output[HTML],
-) -> bool:
-    """Evaluate on the test split against baselines; bless the model when every gate passes.
-
-    Returns `blessed` as the task's `Output` parameter (what the DAG's condition reads)."""
-    import logging
-    import os
-    import shutil
-
-    from components.config import GateConfig
-    from components.errors import exit_on_error
-    from components.evaluation import run_evaluation
-
-    logging.basicConfig(level=logging.INFO)
-    with exit_on_error():
-        result = run_evaluation(
-            model.path,
-            examples.path,
-            blessing.path,
-            GateConfig.from_dict(gate_config),
-            serving_model_dir,
-            model_name,
-        )
-        for name, value in result.metrics.items():
-            metrics.log_metric(name, value)
-        for baseline, values in result.baselines.items():
-            for name, value in values.items():
-                metrics.log_metric(f"{baseline}/{name}", value)
-        shutil.copyfile(os.path.join(blessing.path, "report.html"), report.path)
-        blessing.metadata["blessed"] = result.blessed
-        return result.blessed
+def read_blessing(blessing_dir: str) -> dict[str, Any]:
+    path = os.path.join(blessing_dir, F.BLESSING_FILE)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: not found (expected an evaluation output)")
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)

@@ -23,9 +23,20 @@ RATINGS_FILE = (
 MOVIES_FILE = "movies.tsv"  # ingestion output: movie_id \t title
 INGESTION_REPORT = "ingestion.json"
 TRAIN_SPLIT = "train"
-TEST_SPLIT = "test"
+VALIDATION_SPLIT = "validation"  # carved from train: curves and early stopping, never the test
+TEST_SPLIT = "test"  # read once, by evaluation
+SPLITS = (TRAIN_SPLIT, VALIDATION_SPLIT, TEST_SPLIT)
 STATS_FILE = "stats.json"  # preprocessing output: counts and id ranges
 DEAD_LETTER_PREFIX = "dead_letter"
+REJECTED_DIR = "rejected"  # dead letters of a failed preprocessing run (no examples beside them)
+HISTORY_FILE = "history.json"  # training output: per-epoch train and validation metrics
+METRICS_FILE = "metrics.json"  # evaluation output: model, baselines and previous model
+BLESSING_FILE = "blessing.json"  # evaluation output: gates and verdict
+INFRA_BLESSING_FILE = "infra_blessing.json"  # infra-validation output: checks and verdict
+TIMING_FILE = "timing.json"  # every stage: its wall time, for the report
+
+# The model's name in TF Serving's layout (<base>/<name>/<version>/) unless the user names it.
+DEFAULT_MODEL_NAME = "mtrec"
 
 # Serving signatures of the exported SavedModel.
 SIGNATURE_RETRIEVE = "serving_default"  # user_id -> top-k movie_ids, scores; rated movies excluded

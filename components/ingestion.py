@@ -7,19 +7,19 @@ from the source so later errors point at the original line) and `movies.tsv` (mo
 Files are streamed, never loaded whole.
 """
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from kfp.dsl import Dataset, Output
-
 from components import features as F
+from components import storage
 from components.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -49,11 +49,14 @@ class BadRow(NamedTuple):
         return f"{self.source}, line {self.line_number}: {self.reason}: {self.line[:80]!r}"
 
 
+_DIGITS = re.compile(r"[0-9]+")
+
+
 def _positive_int(value: str, field: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise ValueError(f"field {field} is not an integer ({value!r})") from None
+    """Strict: ASCII digits only (Python's int() would also take '1_96', ' 7' or '+3')."""
+    if not _DIGITS.fullmatch(value):
+        raise ValueError(f"field {field} is not an integer ({value!r})")
+    number = int(value)
     if number <= 0:
         raise ValueError(f"field {field} must be a positive integer, got {number}")
     return number
@@ -78,10 +81,9 @@ def parse_rating_line(line: str, source: str, line_number: int) -> Rating | BadR
             raise ValueError(
                 f"field {F.STARS} must be in {F.MIN_STARS}..{F.MAX_STARS}, got {fields[2]}"
             )
-        try:
-            timestamp = int(fields[3])
-        except ValueError:
-            raise ValueError(f"field {F.TIMESTAMP} is not an integer ({fields[3]!r})") from None
+        if not _DIGITS.fullmatch(fields[3]):
+            raise ValueError(f"field {F.TIMESTAMP} is not an integer ({fields[3]!r})")
+        timestamp = int(fields[3])
     except ValueError as err:
         return BadRow(source, line_number, str(err), text)
     return Rating(user_id, movie_id, stars, timestamp)
@@ -103,12 +105,30 @@ def parse_movie_line(line: str, source: str, line_number: int) -> tuple[int, str
 
 
 def read_numbered_lines(path: str, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
-    """Stream (1-based line number, line) from a file; blank lines are skipped, not dropped silently:
-    they carry no data in u.data's format."""
-    with open(path, encoding=encoding, newline="") as handle:
-        for number, line in enumerate(handle, start=1):
+    """Stream (1-based line number, line) from a file, skipping blank lines (they carry no data
+    in MovieLens' formats). A line that is not valid `encoding` is a DataError naming it."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode(encoding)
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"{path}, line {number}: not valid {encoding} (byte {raw[err.start]:#04x} "
+                    f"at column {err.start + 1})"
+                ) from None
             if line.strip():
                 yield number, line
+
+
+def movie_file_encoding(path: str) -> str:
+    """UTF-8 when the whole file decodes as UTF-8, else the release's documented latin-1."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return RAW_MOVIES_ENCODING
+    return "utf-8"
 
 
 @dataclass
@@ -123,21 +143,16 @@ class IngestionReport:
         return self.__dict__.copy()
 
 
-def _staging_dir(ratings_dir: str) -> str:
-    os.makedirs(ratings_dir, exist_ok=True)
-    return tempfile.mkdtemp(prefix=".ingest-", dir=ratings_dir)
-
-
-def _publish(tmp_dir: str, report: "IngestionReport", ratings_dir: str, movies_dir: str) -> None:
-    """Write the report, then move the finished files into place (only once all are written)."""
-    _write_json(os.path.join(tmp_dir, F.INGESTION_REPORT), report.to_dict())
-    os.makedirs(movies_dir, exist_ok=True)
-    for name, target in (
-        (F.RATINGS_FILE, ratings_dir),
-        (F.INGESTION_REPORT, ratings_dir),
-        (F.MOVIES_FILE, movies_dir),
+@contextlib.contextmanager
+def _outputs(ratings_dir: str, movies_dir: str) -> Iterator[str]:
+    """One staging folder for both artifacts; they appear (and earlier runs' outputs vanish)
+    together, only when the block succeeds. Yields the staging folder."""
+    with (
+        storage.atomic_output_dir(ratings_dir) as ratings_tmp,
+        storage.atomic_output_dir(movies_dir) as movies_tmp,
     ):
-        os.replace(os.path.join(tmp_dir, name), os.path.join(target, name))
+        yield ratings_tmp
+        os.replace(os.path.join(ratings_tmp, F.MOVIES_FILE), os.path.join(movies_tmp, F.MOVIES_FILE))
 
 
 def check_ratings(path: str, source_name: str) -> tuple[int, int, list[str]]:
@@ -166,30 +181,39 @@ def check_ratings(path: str, source_name: str) -> tuple[int, int, list[str]]:
 
 
 def ingest_folder(data_dir: str, ratings_dir: str, movies_dir: str) -> IngestionReport:
-    """Ingest a raw ml-100k folder: ratings.tsv + ingestion.json, and movies.tsv."""
-    ratings_path = os.path.join(data_dir, RAW_RATINGS)
-    movies_path = os.path.join(data_dir, RAW_MOVIES)
-    for path in (ratings_path, movies_path):
-        if not os.path.isfile(path):
+    """Ingest a raw ml-100k folder (local, s3:// or gs://): ratings.tsv + ingestion.json, and
+    movies.tsv."""
+    ratings_source = storage.join(data_dir, RAW_RATINGS)
+    movies_source = storage.join(data_dir, RAW_MOVIES)
+    for path in (ratings_source, movies_source):
+        if not storage.isfile(path):
             raise DataError(
                 f"{path}: not found (expected an ml-100k folder with u.data and u.item)"
             )
-    rows, invalid, problems = check_ratings(ratings_path, ratings_path)
-    tmp = _staging_dir(ratings_dir)
-    try:
-        shutil.copyfile(ratings_path, os.path.join(tmp, F.RATINGS_FILE))
+    with _outputs(ratings_dir, movies_dir) as tmp:
+        ratings_path, movies_path = ratings_source, movies_source
+        if storage.is_remote(data_dir):
+            ratings_path = os.path.join(tmp, F.RATINGS_FILE)
+            movies_path = os.path.join(tmp, RAW_MOVIES)
+            storage.download_file(ratings_source, ratings_path)
+            storage.download_file(movies_source, movies_path)
+        rows, invalid, problems = check_ratings(ratings_path, ratings_source)
+        if ratings_path != os.path.join(tmp, F.RATINGS_FILE):
+            shutil.copyfile(ratings_path, os.path.join(tmp, F.RATINGS_FILE))
         movies = _write_movies(
             (
-                parse_movie_line(line, movies_path, number)
-                for number, line in read_numbered_lines(movies_path, RAW_MOVIES_ENCODING)
+                parse_movie_line(line, movies_source, number)
+                for number, line in read_numbered_lines(
+                    movies_path, movie_file_encoding(movies_path)
+                )
             ),
             os.path.join(tmp, F.MOVIES_FILE),
-            movies_path,
+            movies_source,
         )
-        report = IngestionReport(ratings_path, rows, invalid, movies, problems)
-        _publish(tmp, report, ratings_dir, movies_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        report = IngestionReport(ratings_source, rows, invalid, movies, problems)
+        _write_json(os.path.join(tmp, F.INGESTION_REPORT), report.to_dict())
+        if storage.is_remote(data_dir):
+            os.remove(movies_path)
     return report
 
 
@@ -252,9 +276,8 @@ def ingest_tfds(
     except Exception as err:  # tfds raises many kinds of download/IO errors
         first_line = str(err).splitlines()[0] if str(err) else ""
         raise _offline_error(f"{type(err).__name__}: {first_line}") from None
-    tmp = _staging_dir(ratings_dir)
     source = f"tfds:{TFDS_RATINGS}"
-    try:
+    with _outputs(ratings_dir, movies_dir) as tmp:
         ratings_path = os.path.join(tmp, F.RATINGS_FILE)
         with open(ratings_path, "w", encoding="utf-8") as out:
             for row in tfds.as_numpy(ratings):
@@ -269,9 +292,7 @@ def ingest_tfds(
         )
         count = _write_movies(movie_rows, os.path.join(tmp, F.MOVIES_FILE), f"tfds:{TFDS_MOVIES}")
         report = IngestionReport(source, rows, invalid, count, problems)
-        _publish(tmp, report, ratings_dir, movies_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _write_json(os.path.join(tmp, F.INGESTION_REPORT), report.to_dict())
     return report
 
 
@@ -291,37 +312,3 @@ def run_ingestion(data_dir: str, ratings_dir: str, movies_dir: str) -> Ingestion
     for problem in report.problems:
         log.warning("malformed rating row: %s", problem)
     return report
-
-
-def load_catalogue(movies_dir: str) -> dict[int, str]:
-    """Movie id -> title, from an ingestion output."""
-    catalogue: dict[int, str] = {}
-    path = os.path.join(movies_dir, F.MOVIES_FILE)
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            movie_id, _, title = line.rstrip("\n").partition("\t")
-            catalogue[int(movie_id)] = title
-    return catalogue
-
-
-# --- KFP component (thin wrapper; imports inside because KFP ships the function's source) ---
-
-
-def ingestion_op(data_dir: str, ratings: Output[Dataset], movies: Output[Dataset]):
-    """Ingest MovieLens (raw folder or tensorflow-datasets) into ratings and movies artifacts."""
-    import logging
-
-    from components.errors import exit_on_error
-    from components.ingestion import run_ingestion
-
-    logging.basicConfig(level=logging.INFO)
-    with exit_on_error():
-        report = run_ingestion(data_dir, ratings.path, movies.path)
-        ratings.metadata.update(
-            {
-                "source": report.source,
-                "rows": report.ratings_rows,
-                "invalid_rows": report.invalid_rows,
-            }
-        )
-        movies.metadata["movies"] = report.movies

@@ -1,29 +1,27 @@
 """Stage 3, training: fit the multi-task model on the preprocessed TFRecords.
 
 Runs on a GPU when TensorFlow sees one (the KFP task requests `nvidia.com/gpu`), on the CPU
-otherwise, and says which in the log. Writes the model artifact (weights + spec) and the
-per-epoch history (`history.json`) the report plots.
+otherwise, and says which in the log. Validates on the validation split (never the test split).
+Writes the model artifact: the serving SavedModel (`components/saved_model.py`), which
+evaluation scores and the pusher copies as it is.
 """
 
-import json
 import logging
-import os
 import time
 
 import keras
 import numpy as np
 import tensorflow as tf
-from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 from components import features as F
+from components import progress
 from components.config import TrainingConfig
-from components.dataset import load_columns, make_dataset
-from components.model import Recommender
-from components.preprocessing import load_stats
+from components.examples import load_columns, load_stats, make_dataset
+from components.model import Recommender, SeenMovies
+from components.saved_model import write_saved_model
+from components.storage import atomic_output_dir
 
 log = logging.getLogger(__name__)
-
-HISTORY_FILE = "history.json"
 
 
 def describe_devices() -> str:
@@ -50,12 +48,17 @@ def make_optimizer(config: TrainingConfig) -> keras.optimizers.Optimizer:
 
 
 class _EpochLog(keras.callbacks.Callback):
-    """One readable line per epoch (KFP logs do not render Keras progress bars well)."""
+    """One readable line per epoch (KFP logs do not render Keras progress bars well), and the
+    steps done as progress markers."""
 
-    def __init__(self, epochs: int):
+    def __init__(self, epochs: int, steps_per_epoch: int):
         super().__init__()
         self.epochs = epochs
         self.started = 0.0
+        self.reporter = progress.Reporter("steps", epochs * steps_per_epoch)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.reporter.advance()
 
     def on_epoch_begin(self, epoch, logs=None):
         self.started = time.perf_counter()
@@ -91,6 +94,7 @@ def train_model(
     model = build_model(examples_dir, config)
     model.compile(optimizer=make_optimizer(config))
     rows = load_stats(examples_dir)["rows"]
+    steps = -(-rows[F.TRAIN_SPLIT] // config.batch_size)
     train = make_dataset(
         examples_dir,
         F.TRAIN_SPLIT,
@@ -100,16 +104,18 @@ def train_model(
         rows=rows[F.TRAIN_SPLIT],
     )
     # Same batch size as training: the in-batch retrieval loss is only comparable at equal size.
-    validation = make_dataset(
-        examples_dir, F.TEST_SPLIT, config.batch_size, rows=rows[F.TEST_SPLIT]
-    )
+    validation = None
+    if rows.get(F.VALIDATION_SPLIT):
+        validation = make_dataset(
+            examples_dir, F.VALIDATION_SPLIT, config.batch_size, rows=rows[F.VALIDATION_SPLIT]
+        )
     started = time.perf_counter()
     history = model.fit(
         train,
         epochs=config.epochs,
         validation_data=validation,
         verbose=verbose,
-        callbacks=[_EpochLog(config.epochs)],
+        callbacks=[_EpochLog(config.epochs, steps)],
         shuffle=False,  # the tf.data pipeline shuffles
     )
     log.info("fit took %.1fs", time.perf_counter() - started)
@@ -118,34 +124,39 @@ def train_model(
     return model, curves
 
 
-def run_training(examples_dir: str, model_dir: str, config: TrainingConfig) -> dict:
-    """Train and write the model artifact and history.json; returns the history."""
+def rated_movies(examples_dir: str, num_users: int) -> SeenMovies:
+    """Every (user, movie) the pipeline ingested, all splits: what `serving_default` skips."""
+    columns = [load_columns(examples_dir, split) for split in F.SPLITS if _has_rows(examples_dir, split)]
+    return SeenMovies(
+        np.concatenate([c[F.USER_ID] for c in columns]),
+        np.concatenate([c[F.MOVIE_ID] for c in columns]),
+        num_users,
+    )
+
+
+def _has_rows(examples_dir: str, split: str) -> bool:
+    return bool(load_stats(examples_dir)["rows"].get(split))
+
+
+def run_training(
+    examples_dir: str,
+    model_dir: str,
+    config: TrainingConfig,
+    model_name: str = F.DEFAULT_MODEL_NAME,
+) -> dict:
+    """Train and write the serving SavedModel into `model_dir` (atomically); returns the
+    history."""
+    started = time.perf_counter()
     model, history = train_model(examples_dir, config)
-    model.save_artifact(model_dir)
-    with open(os.path.join(model_dir, HISTORY_FILE), "w", encoding="utf-8") as handle:
-        json.dump(history, handle)
+    seen = rated_movies(examples_dir, model.num_users)
+    with atomic_output_dir(model_dir) as staging:
+        write_saved_model(
+            model,
+            seen,
+            staging,
+            history,
+            {"train_seconds": round(time.perf_counter() - started, 2),
+             "examples_rows": load_stats(examples_dir)["rows"]},
+            model_name,
+        )
     return history
-
-
-# --- KFP component ---
-
-
-def training_op(
-    examples: Input[Dataset],
-    training_config: dict,
-    model: Output[Model],
-    training_metrics: Output[Metrics],
-):
-    """Train the multi-task recommender (uses the GPU the task requests, when present)."""
-    import logging
-
-    from components.config import TrainingConfig
-    from components.errors import exit_on_error
-    from components.training import run_training
-
-    logging.basicConfig(level=logging.INFO)
-    with exit_on_error():
-        history = run_training(examples.path, model.path, TrainingConfig.from_dict(training_config))
-        for name, values in history.items():
-            training_metrics.log_metric(f"final_{name}", values[-1])
-        model.metadata["framework"] = "keras"

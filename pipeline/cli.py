@@ -14,22 +14,24 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out
 
 from components.config import (
-    DEFAULT_IMAGE,
     DEFAULT_SERVING_MODEL_DIR,
     TRAINING_PRESETS,
     GateConfig,
+    KubeflowConfig,
     PipelineConfig,
     PreprocessingConfig,
     TrainingConfig,
     training_preset,
 )
 from components.errors import MtrecError
+from components.features import DEFAULT_MODEL_NAME
 
 SECTIONS: dict[str, type] = {
     "preprocessing": PreprocessingConfig,
     "training": TrainingConfig,
     "gates": GateConfig,
 }
+PIPELINE_SECTIONS = tuple(SECTIONS)
 
 
 def _flag(name: str) -> str:
@@ -56,6 +58,8 @@ def _parse_ints(text: str) -> tuple[int, ...]:
 
 def _arg_type(field: dataclasses.Field):
     default = field.default
+    if field.metadata.get("flag"):  # a repeatable flag (tuple of strings)
+        return str, "TEXT"
     if isinstance(default, bool):
         return _parse_bool, "BOOL"
     if isinstance(default, tuple):
@@ -67,20 +71,30 @@ def _arg_type(field: dataclasses.Field):
     return str, "TEXT"
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, sections=tuple(SECTIONS)) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, sections=PIPELINE_SECTIONS) -> None:
     """One flag per config field (e.g. TrainingConfig.learning_rate -> --learning-rate)."""
     for section in sections:
-        cls = SECTIONS[section]
+        cls = SECTIONS.get(section, KubeflowConfig)
         group = parser.add_argument_group(f"{section} ({cls.__name__})")
         for field in dataclasses.fields(cls):
             parse, metavar = _arg_type(field)
+            repeated = field.metadata.get("flag")
             group.add_argument(
-                _flag(field.name),
+                _flag(repeated or field.name),
                 dest=f"{section}.{field.name}",
                 type=parse,
                 metavar=metavar,
                 default=None,
-                help=f"default: {field.default!r}",
+                action="append" if repeated else "store",
+                help="repeatable" if repeated else f"default: {field.default!r}",
+            )
+        if cls is KubeflowConfig:
+            group.add_argument(
+                "--no-cache",
+                dest="kubeflow.enable_caching",
+                action="store_const",
+                const=False,
+                help="recompute every task (same as --enable-caching false)",
             )
     if "training" in sections:
         parser.add_argument(
@@ -91,6 +105,19 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections=tuple(SECTION
         )
 
 
+def _section_changes(values: dict, section: str, cls: type) -> dict:
+    changes = {}
+    for field in dataclasses.fields(cls):
+        value = values.get(f"{section}.{field.name}")
+        if value is not None:
+            changes[field.name] = tuple(value) if field.metadata.get("flag") else value
+    return changes
+
+
+def kubeflow_from_args(args: argparse.Namespace) -> KubeflowConfig:
+    return KubeflowConfig().replace(**_section_changes(vars(args), "kubeflow", KubeflowConfig))
+
+
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     values = vars(args)
     sections = {}
@@ -99,16 +126,13 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
             base = training_preset(values.get("preset") or "default")
         else:
             base = cls()
-        changes = {
-            field.name: values[f"{section}.{field.name}"]
-            for field in dataclasses.fields(cls)
-            if values.get(f"{section}.{field.name}") is not None
-        }
+        changes = _section_changes(values, section, cls)
         sections[section] = base.replace(**changes) if changes else base
     return PipelineConfig(
         data_dir=values.get("data_dir") or "",
         output_dir=values.get("output") or "mtrec-output",
-        model_name=values.get("model_name") or "mtrec",
+        model_name=values.get("model_name") or DEFAULT_MODEL_NAME,
+        serving_model_dir=values.get("serving_model_dir") or "",
         **sections,
     )
 
@@ -117,45 +141,41 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from components.evaluation import table_rows
     from components.report import format_table
     from pipeline.runners import run_local
 
     config = config_from_args(args)
-    result = run_local(config)
+    if not args.verbose:  # kfp.local's own notices: in logs/pipeline.log, not on the terminal
+        logging.getLogger().setLevel(logging.WARNING)
+    result = run_local(config, verbose=args.verbose)
     print()
-    print(format_table(_table_rows(result.metrics)))
+    print(format_table(table_rows(result.metrics), SUMMARY_COLUMNS))
     print()
     for gate in result.blessing["gates"]:
         verdict = "PASS" if gate["passed"] else "FAIL"
         print(
-            f"gate {gate['name']:<28} {verdict}  {gate['value']:.4f} {gate['comparison']} {gate['threshold']:.4f}"
+            f"gate {gate['name']:<28} {verdict}  {gate['value']:.4f} {gate['comparison']} "
+            f"{gate['threshold']:.4f}"
         )
     print()
-    print(f"blessed:  {result.blessed}")
-    print(f"model:    {result.model_path or '(not exported: the model is not blessed)'}")
-    print(f"metrics:  {os.path.join(result.output_dir, 'metrics.json')}")
-    print(f"report:   {result.report_md}")
+    print(f"blessed:   {'yes' if result.blessed else 'no'}")
+    print(f"model:     {result.model_path or '(not pushed: the model is not blessed)'}")
+    print(f"report:    {os.path.join(result.output_dir, 'report.html')} (and report.md)")
     print(f"catalogue: {os.path.join(result.output_dir, 'movies.tsv')}")
-    print(f"pipeline wall time: {result.seconds:.1f}s")
+    print(f"logs:      {result.log_dir}")
+    stages = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in result.timings.items())
+    print(f"time:      {result.seconds:.1f}s ({stages})")
     return 0 if result.blessed or not args.require_blessed else 3
 
 
-def _table_rows(metrics: dict) -> list[dict]:
-    from components.evaluation import SEED_REFERENCE
-
-    rows = [{"system": "model", **metrics["model"]}]
-    rows += [{"system": f"baseline: {k}", **v} for k, v in metrics["baselines"].items()]
-    if metrics.get("previous"):
-        prev = metrics["previous"]
-        rows.append({"system": f"previous blessed (v{prev['version']})", **prev["metrics"]})
-    rows.append(dict(SEED_REFERENCE))
-    return rows
+SUMMARY_COLUMNS = ("system", "hit@10", "recall@10", "ndcg@10", "seed_hit@10", "rmse", "rmse_stars")
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from pipeline.dag import compile_pipeline
 
-    path = compile_pipeline(args.output, image=args.image)
+    path = compile_pipeline(args.output, kubeflow_from_args(args))
     print(f"wrote {path}")
     return 0
 
@@ -163,17 +183,33 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from pipeline.runners import submit
 
-    config = config_from_args(args)
     run_id = submit(
         args.host,
-        config,
-        args.serving_model_dir,
-        image=args.image,
+        config_from_args(args),
+        kubeflow_from_args(args),
         experiment=args.experiment,
         run_name=args.run_name,
         namespace=args.namespace,
+        pipeline_root=args.pipeline_root,
     )
     print(f"submitted run {run_id} to {args.host}")
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from pipeline.runners import schedule
+
+    job_id = schedule(
+        args.host,
+        config_from_args(args),
+        kubeflow_from_args(args),
+        cron=args.cron,
+        job_name=args.job_name,
+        experiment=args.experiment,
+        namespace=args.namespace,
+        pipeline_root=args.pipeline_root,
+    )
+    print(f"created recurring run {job_id} ({args.cron}) on {args.host}")
     return 0
 
 
@@ -198,7 +234,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from components.training import run_training
 
     config = config_from_args(args)
-    history = run_training(args.examples, args.output, config.training)
+    history = run_training(args.examples, args.output, config.training, config.model_name)
     print(json.dumps({k: v[-1] for k, v in history.items()}, indent=2, sort_keys=True))
     return 0
 
@@ -221,18 +257,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from components.export import run_export
+def cmd_infra_validate(args: argparse.Namespace) -> int:
+    from components.infra_validation import run_infra_validation
 
-    path = run_export(
+    result = run_infra_validation(args.model, args.output, args.model_name)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from components.pusher import push
+
+    path = push(
         args.model,
-        args.examples,
         args.blessing,
+        args.infra_blessing,
         args.serving_model_dir,
         args.model_name,
         args.version,
     )
-    print(f"exported {path}")
+    print(f"pushed {path}")
     return 0
 
 
@@ -246,20 +290,36 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version(text: str) -> int:
+    from components.layout import MAX_VERSION
+
+    if not text.isdigit() or not 0 < int(text) <= MAX_VERSION:
+        raise argparse.ArgumentTypeError(f"expected an integer in 1..{MAX_VERSION}, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="mtrec", description="MovieLens multi-task recommender pipeline (KFP v2)."
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show every task's log and debug logging"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run the whole DAG locally (kfp.local)")
-    run.add_argument("--data-dir", help="raw ml-100k folder (u.data, u.item); default: tfds")
+    run.add_argument(
+        "--data-dir", help="raw ml-100k folder (u.data, u.item): local, s3:// or gs://; default: tfds"
+    )
     run.add_argument(
         "--output", default="mtrec-output", help="output folder (default: %(default)s)"
     )
-    run.add_argument("--model-name", default="mtrec")
+    run.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
+    run.add_argument(
+        "--serving-model-dir",
+        help="where blessed models are pushed: local, s3:// or gs:// (default: <output>/serving)",
+    )
     run.add_argument(
         "--require-blessed",
         action="store_true",
@@ -270,20 +330,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     comp = commands.add_parser("compile", help="write the KFP IR YAML")
     comp.add_argument("--output", default="pipeline.yaml")
-    comp.add_argument("--image", default=DEFAULT_IMAGE, help="component image (from ./Dockerfile)")
+    add_config_arguments(comp, ("kubeflow",))
     comp.set_defaults(func=cmd_compile)
 
-    sub = commands.add_parser("submit", help="submit a run to Kubeflow Pipelines")
-    sub.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
-    sub.add_argument("--experiment")
-    sub.add_argument("--run-name")
-    sub.add_argument("--namespace")
-    sub.add_argument("--image", default=DEFAULT_IMAGE)
-    sub.add_argument("--data-dir", help="data folder as seen from the cluster; default: tfds")
-    sub.add_argument("--serving-model-dir", default=DEFAULT_SERVING_MODEL_DIR)
-    sub.add_argument("--model-name", default="mtrec")
-    add_config_arguments(sub)
-    sub.set_defaults(func=cmd_submit)
+    for name, func, text in (
+        ("submit", cmd_submit, "submit a run to Kubeflow Pipelines"),
+        ("schedule", cmd_schedule, "create a recurring run on Kubeflow Pipelines"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
+        sub.add_argument("--experiment", default="mtrec")
+        sub.add_argument("--namespace")
+        sub.add_argument("--pipeline-root", help="artifact store of the run, e.g. s3://bucket/root")
+        sub.add_argument(
+            "--data-dir", help="data folder as the cluster sees it (a PVC path, s3:// or gs://)"
+        )
+        sub.add_argument("--serving-model-dir", default=DEFAULT_SERVING_MODEL_DIR)
+        sub.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
+        if name == "submit":
+            sub.add_argument("--run-name")
+        else:
+            sub.add_argument(
+                "--cron", required=True, help="KFP cron, seconds first, e.g. '0 0 3 * * *'"
+            )
+            sub.add_argument("--job-name", default="mtrec-recurring")
+        add_config_arguments(sub, (*PIPELINE_SECTIONS, "kubeflow"))
+        sub.set_defaults(func=func)
 
     ing = commands.add_parser("ingest", help="run the ingestion stage alone")
     ing.add_argument("--data-dir", help="raw ml-100k folder; default: tfds")
@@ -305,27 +377,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = commands.add_parser("train", help="run the training stage alone")
     tr.add_argument("--examples", required=True, help="preprocessing output folder")
-    tr.add_argument("--output", required=True, help="model artifact folder")
+    tr.add_argument("--output", required=True, help="model artifact folder (a SavedModel)")
+    tr.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
     add_config_arguments(tr, ("training",))
     tr.set_defaults(func=cmd_train)
 
     ev = commands.add_parser("evaluate", help="run the evaluation stage alone")
-    ev.add_argument("--model", required=True)
+    ev.add_argument("--model", required=True, help="training output (a SavedModel)")
     ev.add_argument("--examples", required=True)
     ev.add_argument("--output", required=True, help="folder for metrics, blessing and report")
-    ev.add_argument("--serving-model-dir", help="export base holding the previously blessed model")
-    ev.add_argument("--model-name", default="mtrec")
+    ev.add_argument("--serving-model-dir", help="push location holding the previously blessed model")
+    ev.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
     add_config_arguments(ev, ("gates",))
     ev.set_defaults(func=cmd_evaluate)
 
-    ex = commands.add_parser("export", help="run the export stage alone (blessed models only)")
-    ex.add_argument("--model", required=True)
-    ex.add_argument("--examples", required=True)
-    ex.add_argument("--blessing", required=True, help="evaluation output folder")
-    ex.add_argument("--serving-model-dir", required=True)
-    ex.add_argument("--model-name", default="mtrec")
-    ex.add_argument("--version", type=int)
-    ex.set_defaults(func=cmd_export)
+    iv = commands.add_parser(
+        "infra-validate", help="load a SavedModel as TF Serving does and in mtrec serve"
+    )
+    iv.add_argument("--model", required=True, help="training output (a SavedModel)")
+    iv.add_argument("--output", required=True, help="folder for infra_blessing.json")
+    iv.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
+    iv.set_defaults(func=cmd_infra_validate)
+
+    ps = commands.add_parser("push", help="push a blessed, infra-validated model")
+    ps.add_argument("--model", required=True, help="training output (a SavedModel)")
+    ps.add_argument("--blessing", required=True, help="evaluation output folder")
+    ps.add_argument("--infra-blessing", required=True, help="infra-validation output folder")
+    ps.add_argument("--serving-model-dir", required=True, help="local, s3:// or gs://")
+    ps.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
+    ps.add_argument("--version", type=_version, help="default: one above the newest")
+    ps.set_defaults(func=cmd_push)
 
     cmp = commands.add_parser(
         "compare", help="train the seed's three variants and ours on one split; one table"

@@ -1,9 +1,11 @@
-"""The KFP v2 DAG: ingestion -> preprocessing -> training -> evaluation -> (if blessed) export.
+"""The KFP v2 DAG, as in TFX: ingestion -> preprocessing -> training -> evaluation -> (if blessed)
+infra-validation -> push.
 
-One factory builds the pipeline for both launchers: `kfp.local` (the `mtrec run` command) and a
-Kubeflow cluster (`mtrec compile` / `mtrec submit`). The stage logic lives in `components/`; each
-stage's KFP function is wrapped here with the component image built from the repo's Dockerfile,
-so nothing is pip-installed at run time in the cluster.
+Training writes the serving SavedModel; evaluation scores that artifact, infra-validation loads
+it as TF Serving does, and the pusher copies it: one artifact from training to serving. One
+factory builds the pipeline for both launchers, `kfp.local` (`mtrec run`) and a Kubeflow cluster
+(`mtrec compile` / `submit` / `schedule`); they differ only in platform settings
+(`KubeflowConfig`: image, volumes, secrets, caching, retries), which kfp.local ignores.
 """
 
 from typing import NamedTuple
@@ -12,24 +14,28 @@ from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Metrics
 
 from components.config import (
-    DEFAULT_IMAGE,
     DEFAULT_SERVING_MODEL_DIR,
     DEFAULT_TRAINING,
     GateConfig,
+    KubeflowConfig,
     PreprocessingConfig,
 )
-from components.evaluation import evaluation_op
-from components.export import export_op
-from components.ingestion import ingestion_op
-from components.preprocessing import preprocessing_op
-from components.training import training_op
+from components.features import DEFAULT_MODEL_NAME
+from pipeline.tasks import (
+    evaluation_op,
+    infra_validation_op,
+    ingestion_op,
+    preprocessing_op,
+    push_op,
+    training_op,
+)
 
 PIPELINE_NAME = "mtrec"
+RETRY_BACKOFF = "30s"
 # Pipeline parameter defaults (module-level: KFP reads them from the signature).
 _PREPROCESSING_DEFAULTS = PreprocessingConfig().to_dict()
 _TRAINING_DEFAULTS = DEFAULT_TRAINING.to_dict()
 _GATE_DEFAULTS = GateConfig().to_dict()
-TASK_NAMES = ("ingestion", "preprocessing", "training", "evaluation", "export")
 
 
 class PipelineOutputs(NamedTuple):
@@ -39,47 +45,60 @@ class PipelineOutputs(NamedTuple):
     movies: Dataset
 
 
-def create_pipeline(
-    image: str = DEFAULT_IMAGE,
-    training_cpu: str = "4",
-    training_memory: str = "16G",
-    gpu_type: str = "nvidia.com/gpu",
-    gpu_limit: int = 1,
-):
-    """Build the pipeline function for a component image and the training task's resources."""
+def _storage_task(task: dsl.PipelineTask, settings: KubeflowConfig) -> dsl.PipelineTask:
+    """A task that reads data or reads/writes models: volumes, credentials, retries."""
+    if settings.pvcs or settings.secrets:
+        from kfp import kubernetes
+
+        for name, path in settings.volume_mounts():
+            kubernetes.mount_pvc(task, pvc_name=name, mount_path=path)
+        for name, keys in settings.secret_envs():
+            kubernetes.use_secret_as_env(task, secret_name=name, secret_key_to_env=keys)
+    if settings.retries:
+        task.set_retry(num_retries=settings.retries, backoff_duration=RETRY_BACKOFF)
+    return task
+
+
+def create_pipeline(settings: KubeflowConfig | None = None):
+    """Build the pipeline function for a cluster's settings (defaults work with kfp.local)."""
+    settings = settings or KubeflowConfig()
 
     def component(func):
-        return dsl.component(func, base_image=image, install_kfp_package=False)
+        return dsl.component(func, base_image=settings.image, install_kfp_package=False)
 
     ingestion = component(ingestion_op)
     preprocessing = component(preprocessing_op)
     training = component(training_op)
     evaluation = component(evaluation_op)
-    export = component(export_op)
+    infra_validation = component(infra_validation_op)
+    push = component(push_op)
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
-        description="MovieLens multi-task recommender: ingest, Beam preprocess, train, evaluate "
-        "with gates, export a blessed model for TF Serving.",
+        description="MovieLens multi-task recommender: ingest, Beam preprocess, train a serving "
+        "SavedModel, evaluate it with gates, infra-validate and push the blessed model.",
     )
     def mtrec_pipeline(
         data_dir: str = "",
         serving_model_dir: str = DEFAULT_SERVING_MODEL_DIR,
-        model_name: str = "mtrec",
+        model_name: str = DEFAULT_MODEL_NAME,
         preprocessing_config: dict = _PREPROCESSING_DEFAULTS,
         training_config: dict = _TRAINING_DEFAULTS,
         gate_config: dict = _GATE_DEFAULTS,
     ) -> PipelineOutputs:
         ingest = ingestion(data_dir=data_dir).set_display_name("ingestion")
+        _storage_task(ingest, settings)
         prepare = preprocessing(
             ratings=ingest.outputs["ratings"], preprocessing_config=preprocessing_config
         ).set_display_name("preprocessing")
         train = training(
-            examples=prepare.outputs["examples"], training_config=training_config
+            examples=prepare.outputs["examples"],
+            training_config=training_config,
+            model_name=model_name,
         ).set_display_name("training")
-        train.set_cpu_limit(training_cpu).set_memory_limit(training_memory)
-        if gpu_limit:
-            train.set_accelerator_type(gpu_type).set_accelerator_limit(gpu_limit)
+        train.set_cpu_limit(settings.training_cpu).set_memory_limit(settings.training_memory)
+        if settings.gpu_limit:
+            train.set_accelerator_type(settings.gpu_type).set_accelerator_limit(settings.gpu_limit)
         evaluate = evaluation(
             model=train.outputs["model"],
             examples=prepare.outputs["examples"],
@@ -87,16 +106,24 @@ def create_pipeline(
             serving_model_dir=serving_model_dir,
             model_name=model_name,
         ).set_display_name("evaluation")
+        _storage_task(evaluate, settings)
         # The blessing is the evaluation's return value, `Output` (kfp.local resolves only that
         # name in conditions).
         with dsl.If(evaluate.outputs["Output"] == True, name="model-is-blessed"):  # noqa: E712
-            export(
+            validate = infra_validation(
+                model=train.outputs["model"], model_name=model_name
+            ).set_display_name("infra-validation")
+            pushed = push(
                 model=train.outputs["model"],
-                examples=prepare.outputs["examples"],
                 blessing=evaluate.outputs["blessing"],
+                infra_blessing=validate.outputs["infra_blessing"],
                 serving_model_dir=serving_model_dir,
                 model_name=model_name,
-            ).set_display_name("export")
+            ).set_display_name("push")
+            _storage_task(pushed, settings)
+        if not settings.enable_caching:
+            for task in (ingest, prepare, train, evaluate, validate, pushed):
+                task.set_caching_options(False)
         return PipelineOutputs(
             metrics=evaluate.outputs["metrics"],
             report=evaluate.outputs["report"],
@@ -107,9 +134,9 @@ def create_pipeline(
     return mtrec_pipeline
 
 
-def compile_pipeline(path: str, image: str = DEFAULT_IMAGE) -> str:
+def compile_pipeline(path: str, settings: KubeflowConfig | None = None) -> str:
     """Write the KFP IR YAML for Kubeflow."""
     from kfp import compiler
 
-    compiler.Compiler().compile(create_pipeline(image), package_path=path)
+    compiler.Compiler().compile(create_pipeline(settings), package_path=path)
     return path

@@ -1,28 +1,39 @@
-"""Launchers for the one DAG: locally through kfp.local, or on a Kubeflow cluster."""
+"""Launchers for the one DAG: locally through kfp.local, or on a Kubeflow cluster (a run now, or a
+recurring run on a cron schedule)."""
 
+import contextlib
 import dataclasses
-import glob
 import json
 import logging
 import os
 import shutil
+import sys
+import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 
 from components import features as F
-from components.config import DEFAULT_IMAGE, PipelineConfig
+from components import storage
+from components.config import KubeflowConfig, PipelineConfig
 from components.errors import MtrecError
 from components.layout import latest_version_path
 from pipeline.dag import create_pipeline
+from pipeline.display import StageRouter
 
 log = logging.getLogger(__name__)
 
+STAGES = ["ingestion", "preprocessing", "training", "evaluation", "infra-validation", "push"]
+LOG_DIR = "logs"  # under the output folder: one file per task
+# Start-up notices of TensorFlow, absl and oneDNN in every task (their logs are kept anyway).
+QUIET_ENVIRONMENT = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0"}
 
-def pipeline_arguments(config: PipelineConfig, serving_model_dir: str) -> dict:
+
+def pipeline_arguments(config: PipelineConfig) -> dict:
     """The pipeline parameters for a configuration."""
     return {
         "data_dir": config.data_dir,
-        "serving_model_dir": serving_model_dir,
+        "serving_model_dir": config.serving_model_dir,
         "model_name": config.model_name,
         "preprocessing_config": config.preprocessing.to_dict(),
         "training_config": config.training.to_dict(),
@@ -39,35 +50,59 @@ class LocalRun:
     blessing: dict
     report_md: str
     seconds: float
+    timings: dict[str, float]
+    log_dir: str
 
 
-def run_local(config: PipelineConfig) -> LocalRun:
+def _absolute(path: str) -> str:
+    return path if not path or storage.is_remote(path) else os.path.abspath(path)
+
+
+def run_local(config: PipelineConfig, verbose: bool = False) -> LocalRun:
     """Run the whole DAG with kfp.local's SubprocessRunner in this environment.
 
-    Artifacts live under `<output>/pipeline-root`; the export goes to `<output>/serving`; the
-    report, metrics and movie catalogue are copied to `<output>/` for people and `mtrec query`.
+    Artifacts live under `<output>/pipeline-root`; blessed models are pushed to
+    `config.serving_model_dir` (default `<output>/serving`); the report, metrics and movie
+    catalogue are copied to `<output>/` for people and `mtrec query`; each task's log goes to
+    `<output>/logs/<stage>.log`.
     """
     from kfp import local
 
     output_dir = os.path.abspath(config.output_dir)
-    if config.data_dir:
-        config = dataclasses.replace(config, data_dir=os.path.abspath(config.data_dir))
-    serving_dir = os.path.join(output_dir, "serving")
-    os.makedirs(serving_dir, exist_ok=True)
+    config = dataclasses.replace(
+        config,
+        data_dir=_absolute(config.data_dir),
+        serving_model_dir=_absolute(config.serving_model_dir)
+        or os.path.join(output_dir, "serving"),
+    )
+    os.makedirs(output_dir, exist_ok=True)
+    log_dir = os.path.join(output_dir, LOG_DIR)
+    shutil.rmtree(log_dir, ignore_errors=True)
+    for name, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=os.path.join(output_dir, "pipeline-root"),
         raise_on_error=False,
     )
-    before = latest_version_path(serving_dir, config.model_name)
+    before = latest_version_path(config.serving_model_dir, config.model_name)
     started = time.perf_counter()
-    task = create_pipeline(DEFAULT_IMAGE)(**pipeline_arguments(config, serving_dir))
+    router = StageRouter(log_dir, list(STAGES), verbose=verbose)
+    # Retries and platform settings are for the cluster: locally a failure is reported at once.
+    pipeline = create_pipeline(KubeflowConfig(retries=0))
+    with router, contextlib.redirect_stdout(router), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*no effect in the current local runner")
+        task = pipeline(**pipeline_arguments(config))
     seconds = time.perf_counter() - started
+    for line in router.errors:
+        print(line, file=sys.stderr)
     outputs = getattr(task, "outputs", None) or {}
     if "blessing" not in outputs:
+        failed = [s.name for s in router.stages.values() if s.state == "failed"]
+        where = router.log_path(failed[0]) if failed else log_dir
         raise MtrecError(
-            "the pipeline failed before evaluation finished: the failing task's "
-            "'mtrec: error:' line above says why"
+            f"the pipeline failed in {', '.join(failed) or 'a task'} before evaluation finished "
+            f"(its log: {where})"
         )
     blessing_dir = outputs["blessing"].path
     for name in os.listdir(blessing_dir):
@@ -76,14 +111,19 @@ def run_local(config: PipelineConfig) -> LocalRun:
     shutil.copyfile(
         os.path.join(outputs["movies"].path, F.MOVIES_FILE), os.path.join(output_dir, F.MOVIES_FILE)
     )
-    with open(os.path.join(blessing_dir, "blessing.json"), encoding="utf-8") as handle:
+    with open(os.path.join(blessing_dir, F.BLESSING_FILE), encoding="utf-8") as handle:
         blessing = json.load(handle)
-    with open(os.path.join(blessing_dir, "metrics.json"), encoding="utf-8") as handle:
+    with open(os.path.join(blessing_dir, F.METRICS_FILE), encoding="utf-8") as handle:
         metrics = json.load(handle)
-    after = latest_version_path(serving_dir, config.model_name)
+    after = latest_version_path(config.serving_model_dir, config.model_name)
     model_path = after if after != before else None
     if blessing["blessed"] and model_path is None:
-        raise MtrecError("the model was blessed but the export task did not write a new version")
+        failed = [s.name for s in router.stages.values() if s.state == "failed"]
+        where = router.log_path(failed[0]) if failed else log_dir
+        raise MtrecError(
+            "the model was blessed but nothing was pushed: "
+            f"{', '.join(failed) or 'a task'} failed (its log: {where})"
+        )
     return LocalRun(
         output_dir,
         bool(blessing["blessed"]),
@@ -92,31 +132,62 @@ def run_local(config: PipelineConfig) -> LocalRun:
         blessing,
         os.path.join(output_dir, "report.md"),
         seconds,
+        router.timings(),
+        log_dir,
     )
 
 
-def latest_pipeline_root_run(output_dir: str) -> str | None:
-    runs = sorted(glob.glob(os.path.join(output_dir, "pipeline-root", "*")), key=os.path.getmtime)
-    return runs[-1] if runs else None
+def _client(host: str, namespace: str | None):
+    import kfp
+
+    return kfp.Client(host=host, namespace=namespace)
 
 
 def submit(
     host: str,
     config: PipelineConfig,
-    serving_model_dir: str,
-    image: str = DEFAULT_IMAGE,
+    settings: KubeflowConfig,
     experiment: str | None = None,
     run_name: str | None = None,
     namespace: str | None = None,
+    pipeline_root: str | None = None,
 ) -> str:
     """Submit a run to a Kubeflow Pipelines endpoint; returns the run id."""
-    import kfp
-
-    client = kfp.Client(host=host, namespace=namespace)
-    result = client.create_run_from_pipeline_func(
-        create_pipeline(image),
-        arguments=pipeline_arguments(config, serving_model_dir),
+    result = _client(host, namespace).create_run_from_pipeline_func(
+        create_pipeline(settings),
+        arguments=pipeline_arguments(config),
         experiment_name=experiment,
         run_name=run_name,
+        pipeline_root=pipeline_root or None,
+        enable_caching=settings.enable_caching,
     )
     return result.run_id
+
+
+def schedule(
+    host: str,
+    config: PipelineConfig,
+    settings: KubeflowConfig,
+    cron: str,
+    job_name: str,
+    experiment: str = "mtrec",
+    namespace: str | None = None,
+    pipeline_root: str | None = None,
+) -> str:
+    """Create a recurring run (KFP cron: six fields, seconds first); returns its id."""
+    from pipeline.dag import compile_pipeline
+
+    client = _client(host, namespace)
+    experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
+    with tempfile.TemporaryDirectory() as workdir:
+        package = compile_pipeline(os.path.join(workdir, "pipeline.yaml"), settings)
+        job = client.create_recurring_run(
+            experiment_id=experiment_id,
+            job_name=job_name,
+            cron_expression=cron,
+            params=pipeline_arguments(config),
+            pipeline_package_path=package,
+            pipeline_root=pipeline_root or None,
+            enable_caching=settings.enable_caching,
+        )
+    return job.recurring_run_id

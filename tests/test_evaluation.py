@@ -3,6 +3,7 @@ import os
 
 import numpy as np
 import pytest
+from components.export import export_saved_model
 
 from components import features as F
 from components.config import GateConfig
@@ -14,7 +15,6 @@ from components.evaluation import (
     evaluate_saved_model,
     write_evaluation,
 )
-from components.export import export_saved_model
 from components.model import SeenMovies
 
 METRICS = {"hit@10": 0.25, "rmse": 0.228}

@@ -4,11 +4,11 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
+from components.dataset import load_columns
+from components.export import export_saved_model, run_export
 
 from components import features as F
-from components.dataset import load_columns
 from components.errors import GateError
-from components.export import export_saved_model, run_export
 from components.layout import list_versions
 from components.model import SeenMovies
 

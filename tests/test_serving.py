@@ -46,10 +46,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def build_export(root: str) -> dict[str, str]:
     """Ingest, preprocess (Beam), train 2 epochs and export version 1 with the pipeline's code."""
     from components.config import DEFAULT_TRAINING, PreprocessingConfig
-    from components.export import export_saved_model
     from components.ingestion import run_ingestion
     from components.model import SeenMovies
     from components.preprocessing import run_preprocessing
+    from components.saved_model import export_saved_model
     from components.training import train_model
 
     paths = {

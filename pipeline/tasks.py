@@ -1,0 +1,135 @@
+"""The pipeline's KFP components: thin wrappers that call one stage's logic in `components/`.
+
+As in TFX (component spec apart from executor), they live apart from the stages so that building
+or compiling the DAG imports neither Beam nor TensorFlow. KFP ships each function's source to
+its container, so every import a function needs is inside it.
+"""
+
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
+
+
+def ingestion_op(data_dir: str, ratings: Output[Dataset], movies: Output[Dataset]):
+    """Ingest MovieLens (raw folder or tensorflow-datasets) into ratings and movies artifacts."""
+    from components.errors import exit_on_error
+    from components.ingestion import run_ingestion
+
+    with exit_on_error():
+        report = run_ingestion(data_dir, ratings.path, movies.path)
+        ratings.metadata.update(
+            {
+                "source": report.source,
+                "rows": report.ratings_rows,
+                "invalid_rows": report.invalid_rows,
+            }
+        )
+        movies.metadata["movies"] = report.movies
+
+
+def preprocessing_op(
+    ratings: Input[Dataset], preprocessing_config: dict, examples: Output[Dataset]
+):
+    """Beam: parse, normalise and split the ratings into TFRecords (+ stats.json, dead letters)."""
+    from components.config import PreprocessingConfig
+    from components.errors import exit_on_error
+    from components.preprocessing import run_preprocessing
+
+    with exit_on_error():
+        config = PreprocessingConfig.from_dict(preprocessing_config)
+        stats = run_preprocessing(
+            ratings.path, examples.path, config, source_name=ratings.metadata.get("source")
+        )
+        examples.metadata.update({"rows": stats["rows"], "invalid_rows": stats["invalid_rows"]})
+
+
+def training_op(
+    examples: Input[Dataset],
+    training_config: dict,
+    model_name: str,
+    model: Output[Model],
+    training_metrics: Output[Metrics],
+):
+    """Train the multi-task recommender (on the GPU the task requests, when present) and write
+    the serving SavedModel as the Model artifact."""
+    from components.config import TrainingConfig
+    from components.errors import exit_on_error
+    from components.training import run_training
+
+    with exit_on_error():
+        history = run_training(
+            examples.path, model.path, TrainingConfig.from_dict(training_config), model_name
+        )
+        for name, values in history.items():
+            training_metrics.log_metric(f"final_{name}", values[-1])
+        model.metadata.update({"framework": "tensorflow", "format": "SavedModel"})
+
+
+def evaluation_op(
+    model: Input[Model],
+    examples: Input[Dataset],
+    gate_config: dict,
+    serving_model_dir: str,
+    model_name: str,
+    metrics: Output[Metrics],
+    blessing: Output[Artifact],
+    report: Output[HTML],
+) -> bool:
+    """Score the trained SavedModel on the test split against baselines and the previously
+    blessed model; bless it when every gate passes.
+
+    Returns `blessed` as the task's `Output` parameter (what the DAG's condition reads)."""
+    import os
+    import shutil
+
+    from components.config import GateConfig
+    from components.errors import exit_on_error
+    from components.evaluation import run_evaluation
+    from components.report import REPORT_HTML
+
+    with exit_on_error():
+        result = run_evaluation(
+            model.path,
+            examples.path,
+            blessing.path,
+            GateConfig.from_dict(gate_config),
+            serving_model_dir,
+            model_name,
+        )
+        for name, value in result.metrics.items():
+            metrics.log_metric(name, value)
+        for baseline, values in result.baselines.items():
+            for name, value in values.items():
+                metrics.log_metric(f"{baseline}/{name}", value)
+        shutil.copyfile(os.path.join(blessing.path, REPORT_HTML), report.path)
+        blessing.metadata["blessed"] = result.blessed
+        return result.blessed
+
+
+def infra_validation_op(model: Input[Model], model_name: str, infra_blessing: Output[Artifact]):
+    """Load the candidate as TF Serving does and in `mtrec serve`; replay its warmup requests."""
+    from components.errors import exit_on_error
+    from components.infra_validation import run_infra_validation
+
+    with exit_on_error():
+        result = run_infra_validation(model.path, infra_blessing.path, model_name)
+        infra_blessing.metadata["blessed"] = result["blessed"]
+
+
+def push_op(
+    model: Input[Model],
+    blessing: Input[Artifact],
+    infra_blessing: Input[Artifact],
+    serving_model_dir: str,
+    model_name: str,
+    pushed_model: Output[Model],
+):
+    """Copy the blessed, infra-validated SavedModel to `<serving_model_dir>/<model_name>/<v>/`."""
+    from components.errors import exit_on_error
+    from components.pusher import push
+    from components.storage import basename
+
+    with exit_on_error():
+        path = push(model.path, blessing.path, infra_blessing.path, serving_model_dir, model_name)
+        pushed_model.uri = path
+        pushed_model.metadata.update(
+            {"pushed_destination": path, "version": int(basename(path))}
+        )
