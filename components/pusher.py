@@ -116,7 +116,7 @@ def clean_leftovers(model_dir: str) -> list[str]:
         if not _owner_gone(_read_owner(claim)):
             continue
         version = name[len(CLAIM_PREFIX) :]
-        if version.isdigit() and int(version) not in complete:
+        if version in names and version.isdigit() and int(version) not in complete:
             storage.remove(storage.join(model_dir, version))
             removed.append(version)
         storage.remove(claim)
@@ -161,11 +161,20 @@ def claim_version(model_dir: str, version: int | None = None) -> int:
     raise GateError(f"could not claim a version in {model_dir} after {MAX_CLAIM_ATTEMPTS} tries")
 
 
+def _copy_files(source: str, target: str) -> None:
+    """Every file of `source` into `target`, `saved_model.pb` last."""
+    files = storage.local_files(source)
+    for relative in [f for f in files if f != SAVED_MODEL_FILE] + [SAVED_MODEL_FILE]:
+        storage.upload_file(
+            os.path.join(source, relative), storage.join(target, *relative.split(os.sep))
+        )
+
+
 def _copy_local(source: str, model_dir: str, version: int) -> str:
     final = os.path.join(model_dir, str(version))
     staging = os.path.join(model_dir, f"{STAGING_PREFIX}{version}-{uuid.uuid4().hex[:8]}")
     try:
-        shutil.copytree(source, staging)
+        _copy_files(source, staging)
         os.rename(staging, final)  # final never exists: the claim reserved the name
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -174,10 +183,7 @@ def _copy_local(source: str, model_dir: str, version: int) -> str:
 
 def _copy_remote(source: str, model_dir: str, version: int) -> str:
     final = storage.join(model_dir, str(version))
-    files = storage.local_files(source)
-    ordered = [f for f in files if f != SAVED_MODEL_FILE] + [SAVED_MODEL_FILE]
-    for relative in ordered:
-        storage.upload_file(os.path.join(source, relative), storage.join(final, *relative.split(os.sep)))
+    _copy_files(source, final)
     return final
 
 
