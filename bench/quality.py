@@ -14,7 +14,7 @@ import tempfile
 import numpy as np
 
 from components.config import DEFAULT_TRAINING, SEED_TRAINING, PreprocessingConfig
-from components.preprocessing import load_stats
+from components.examples import load_stats
 from components.report import format_table
 from pipeline.experiments import baseline_rows, prepare_examples, train_and_evaluate
 

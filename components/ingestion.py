@@ -49,7 +49,7 @@ class BadRow(NamedTuple):
         return f"{self.source}, line {self.line_number}: {self.reason}: {self.line[:80]!r}"
 
 
-_DIGITS = re.compile(r"[0-9]+")
+_DIGITS = re.compile(r"-?[0-9]+")  # what a MovieLens integer field may hold
 
 
 def _positive_int(value: str, field: str) -> int:

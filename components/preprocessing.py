@@ -87,14 +87,15 @@ def split_sizes(total: int, test_fraction: float, validation_fraction: float) ->
     }
 
 
-def assign_splits(keys: np.ndarray, thresholds: tuple[int, int]) -> np.ndarray:
-    """0 = test, 1 = validation, 2 = train: keys up to each threshold (inclusive)."""
-    test_cut, validation_cut = (np.uint64(max(t, 0)) for t in thresholds)
+def assign_splits(keys: np.ndarray, thresholds: tuple) -> np.ndarray:
+    """0 = test, 1 = validation, 2 = train: keys up to each threshold (inclusive; None = no row
+    below that cut)."""
+    test_cut, validation_cut = thresholds
     out = np.full(len(keys), 2, dtype=np.int8)
-    if thresholds[1] >= 0:
-        out[keys <= validation_cut] = 1
-    if thresholds[0] >= 0:
-        out[keys <= test_cut] = 0
+    if validation_cut is not None:
+        out[keys <= np.uint64(validation_cut)] = 1
+    if test_cut is not None:
+        out[keys <= np.uint64(test_cut)] = 0
     return out
 
 
@@ -237,18 +238,20 @@ class SplitRatings(beam.PTransform):
         shift = np.uint64(KEY_BITS - BUCKET_BITS)
 
         def keys_in_cut_buckets(chunk, cuts):
-            buckets = chunk["keys"] >> shift
-            wanted = {bucket for bucket, _ in cuts if bucket >= 0}
-            for bucket in wanted:
-                yield from chunk["keys"][buckets == np.uint64(bucket)].tolist()
+            # One uint64 array per chunk: keys above 2**63 do not fit Beam's integer coder.
+            wanted = [np.uint64(bucket) for bucket, _ in cuts if bucket >= 0]
+            keys = chunk["keys"][np.isin(chunk["keys"] >> shift, wanted)]
+            if keys.size:
+                yield keys
 
-        def thresholds_of(keys: list[int], cuts) -> tuple[int, int]:
+        def thresholds_of(arrays: list[np.ndarray], cuts) -> tuple:
+            keys = np.sort(np.concatenate(arrays)) if arrays else np.zeros(0, np.uint64)
             out = []
             for bucket, rank in cuts:
                 if bucket < 0:
-                    out.append(-1)
+                    out.append(None)
                     continue
-                in_bucket = sorted(k for k in keys if k >> int(shift) == bucket)
+                in_bucket = keys[(keys >> shift) == np.uint64(bucket)]
                 out.append(in_bucket[rank - 1])
             return tuple(out)
 

@@ -19,7 +19,7 @@ from components.config import (
     PreprocessingConfig,
     TrainingConfig,
 )
-from components.evaluation import Split, evaluate_baselines, evaluate_model
+from components.evaluation import Split, evaluate_baselines, score_served_model
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +59,23 @@ class Outcome:
 
 
 def train_and_evaluate(examples_dir: str, configs: dict[str, TrainingConfig]) -> list[Outcome]:
-    from components.training import train_model
+    """Each configuration trained and scored exactly as the pipeline does: through the serving
+    SavedModel training writes."""
+    import tempfile
+
+    from components.saved_model import ServedModel
+    from components.training import run_training
 
     train = Split.load(examples_dir, F.TRAIN_SPLIT)
     test = Split.load(examples_dir, F.TEST_SPLIT)
     outcomes = []
     for name, config in configs.items():
         started = time.perf_counter()
-        model, history = train_model(examples_dir, config)
-        seconds = time.perf_counter() - started
-        metrics, curve = evaluate_model(model, train, test)
+        with tempfile.TemporaryDirectory(prefix="mtrec-experiment-") as workdir:
+            model_dir = os.path.join(workdir, "model")
+            history = run_training(examples_dir, model_dir, config)
+            seconds = time.perf_counter() - started
+            metrics, curve = score_served_model(ServedModel(model_dir), train, test)
         log.info("%s: %s (%.1fs)", name, metrics, seconds)
         outcomes.append(Outcome(name, metrics, history, curve, seconds))
     return outcomes
@@ -77,14 +84,14 @@ def train_and_evaluate(examples_dir: str, configs: dict[str, TrainingConfig]) ->
 def baseline_rows(examples_dir: str, num_rows: int) -> tuple[list[dict], dict[str, np.ndarray]]:
     train = Split.load(examples_dir, F.TRAIN_SPLIT)
     test = Split.load(examples_dir, F.TEST_SPLIT)
-    baselines, curves = evaluate_baselines(train, test, num_rows, 100)
+    baselines, curves = evaluate_baselines(train, test, num_rows, 10)
     return [{"system": f"baseline: {k}", **v} for k, v in baselines.items()], curves
 
 
 def compare_variants(data_dir: str, out_dir: str, epochs: int | None = None) -> list[dict]:
     """The seed's table (its configuration, three variants) next to ours, plus baselines; writes a
     report into `out_dir` and returns the table rows."""
-    from components.preprocessing import load_stats
+    from components.examples import load_stats
     from components.report import write_report
 
     examples = prepare_examples(data_dir, out_dir, PreprocessingConfig())
@@ -102,9 +109,8 @@ def compare_variants(data_dir: str, out_dir: str, epochs: int | None = None) -> 
     write_report(
         out_dir,
         rows,
-        next(o.history for o in outcomes if o.name == "mtrec joint"),
         {**{o.name: o.curve for o in outcomes if "rating-only" not in o.name}, **curves},
+        history=next(o.history for o in outcomes if o.name == "mtrec joint"),
         title="mtrec: the seed's variants next to ours",
-        gates=None,
     )
     return rows

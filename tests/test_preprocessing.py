@@ -2,6 +2,7 @@ import json
 import os
 
 import apache_beam as beam
+import numpy as np
 import pytest
 import tensorflow as tf
 from apache_beam.testing.test_pipeline import TestPipeline
@@ -10,16 +11,18 @@ from apache_beam.testing.util import assert_that, equal_to
 from components import features as F
 from components.config import PreprocessingConfig
 from components.errors import DataError
-from components.ingestion import BadRow, Rating
+from components.examples import encode_example, split_files
+from components.ingestion import BadRow
 from components.preprocessing import (
     DEAD_LETTER_TAG,
+    SPLIT_ORDER,
     ParseRatings,
     SplitRatings,
-    find_cut,
+    assign_splits,
+    find_cuts,
     run_preprocessing,
-    split_files,
-    split_key,
-    to_example,
+    split_keys,
+    split_sizes,
 )
 
 
@@ -27,18 +30,33 @@ def _options():
     return beam.options.pipeline_options.PipelineOptions(["--runner=DirectRunner"])
 
 
-def test_parse_ratings_sends_malformed_lines_to_dead_letter():
-    lines = [
-        ("u.data", 1, "1\t10\t5\t100\n"),
-        ("u.data", 2, "2\t11\t3\n"),
-        ("u.data", 3, "3\tx\t4\t100\n"),
-        ("u.data", 4, "4\t12\t7\t100\n"),
-        ("u.data", 5, "5\t13\t1\t100\n"),
+def _rows(chunk):
+    return [
+        (int(u), int(m), float(s), int(t))
+        for u, m, s, t in zip(
+            chunk["users"], chunk["movies"], chunk["stars"], chunk["timestamps"], strict=True
+        )
     ]
+
+
+def test_parse_ratings_sends_malformed_lines_to_dead_letter():
+    chunk = (
+        "u.data",
+        [
+            (1, "1\t10\t5\t100\n"),
+            (2, "2\t11\t3\n"),
+            (3, "3\tx\t4\t100\n"),
+            (4, "4\t12\t7\t100\n"),
+            (5, "5\t13\t1\t100\n"),
+            (6, "1_96\t13\t1\t100\n"),
+        ],
+    )
     with TestPipeline(options=_options()) as p:
-        out = p | beam.Create(lines) | ParseRatings()
+        out = p | beam.Create([chunk]) | ParseRatings(seed=1)
         assert_that(
-            out["ratings"], equal_to([Rating(1, 10, 5.0, 100), Rating(5, 13, 1.0, 100)]), label="ok"
+            out["ratings"] | beam.FlatMap(_rows),
+            equal_to([(1, 10, 5.0, 100), (5, 13, 1.0, 100)]),
+            label="ok",
         )
         assert_that(
             out[DEAD_LETTER_TAG] | beam.Map(lambda b: (b.source, b.line_number, b.reason)),
@@ -47,51 +65,84 @@ def test_parse_ratings_sends_malformed_lines_to_dead_letter():
                     ("u.data", 2, "expected 4 tab-separated fields, got 3"),
                     ("u.data", 3, "field movie_id is not an integer ('x')"),
                     ("u.data", 4, "field stars must be in 1..5, got 7"),
+                    ("u.data", 6, "field user_id is not an integer ('1_96')"),
                 ]
             ),
             label="dead",
         )
 
 
-def _ratings(n):
-    return [Rating(1 + i % 17, 1 + i // 17, float(1 + i % 5), 1000 + i) for i in range(n)]
+def _chunks(n, size):
+    users = 1 + np.arange(n) % 17
+    movies = 1 + np.arange(n) // 17
+    times = 1000 + np.arange(n)
+    keys = split_keys(users, movies, times, seed=7)
+    columns = {
+        "users": users, "movies": movies, "stars": 1.0 + np.arange(n) % 5, "timestamps": times,
+        "keys": keys,
+    }  # fmt: skip
+    return [{k: v[i : i + size] for k, v in columns.items()} for i in range(0, n, size)], keys
 
 
-@pytest.mark.parametrize(("n", "fraction"), [(100, 0.2), (37, 0.5), (10, 0.01), (500, 0.33)])
-def test_split_is_exact_and_matches_the_hash_order(n, fraction):
-    ratings = _ratings(n)
-    expected_test = round(n * fraction)
-    by_key = sorted(ratings, key=lambda r: split_key(r, 7))
+@pytest.mark.parametrize(
+    ("n", "test", "validation"), [(100, 0.2, 0.1), (37, 0.5, 0.0), (10, 0.01, 0.3), (500, 0.33, 0.25)]
+)
+def test_split_is_exact_and_follows_the_hash_order(n, test, validation):
+    chunks, keys = _chunks(n, size=13)
+    sizes = split_sizes(n, test, validation)
+    order = np.argsort(keys)
+    ranks = np.empty(n, dtype=int)
+    ranks[order] = np.arange(n)
+    expected = {
+        F.TEST_SPLIT: sorted(np.flatnonzero(ranks < sizes[F.TEST_SPLIT]).tolist()),
+        F.VALIDATION_SPLIT: sorted(
+            np.flatnonzero(
+                (ranks >= sizes[F.TEST_SPLIT])
+                & (ranks < sizes[F.TEST_SPLIT] + sizes[F.VALIDATION_SPLIT])
+            ).tolist()
+        ),
+    }
+    expected[F.TRAIN_SPLIT] = sorted(set(range(n)) - set(expected[F.TEST_SPLIT]) - set(expected[F.VALIDATION_SPLIT]))
     with TestPipeline(options=_options()) as p:
-        splits = p | beam.Create(ratings) | SplitRatings(fraction, seed=7)
-        assert_that(splits[F.TEST_SPLIT], equal_to(by_key[:expected_test]), label="test")
-        assert_that(splits[F.TRAIN_SPLIT], equal_to(by_key[expected_test:]), label="train")
+        splits = p | beam.Create(chunks) | SplitRatings(test, validation)
+        for name in SPLIT_ORDER:
+            # Row i has timestamp 1000 + i: recover the row indices of each split.
+            rows = splits[name] | f"Rows{name}" >> beam.FlatMap(lambda c: (c["timestamps"] - 1000).tolist())
+            assert_that(rows, equal_to(expected[name]), label=name)
 
 
-def test_split_depends_on_the_seed_not_on_order():
-    ratings = _ratings(50)
-    assert split_key(ratings[0], 1) != split_key(ratings[0], 2)
-    assert split_key(ratings[3], 42) == split_key(Rating(*ratings[3]), 42)
+def test_split_keys_depend_on_the_seed_and_the_row_not_on_the_chunking():
+    users, movies, times = np.array([1, 2, 3]), np.array([4, 5, 6]), np.array([7, 8, 9])
+    keys = split_keys(users, movies, times, seed=42)
+    assert keys.dtype == np.uint64 and len(set(keys.tolist())) == 3
+    assert not np.array_equal(keys, split_keys(users, movies, times, seed=43))
+    one_at_a_time = [split_keys(users[i : i + 1], movies[i : i + 1], times[i : i + 1], 42)[0] for i in range(3)]
+    assert keys.tolist() == one_at_a_time
+    swapped = split_keys(movies, users, times, seed=42)
+    assert not np.array_equal(keys, swapped)
 
 
-def test_find_cut():
-    assert find_cut([3, 0, 5, 2], 0.5) == (2, 2, 5)
-    assert find_cut([10], 0.0) == (-1, 0, 0)
-    assert find_cut([4, 4], 1.0) == (1, 4, 8)
+def test_find_cuts_and_assign():
+    histogram = np.array([3, 0, 5, 2])
+    assert find_cuts(histogram, [5, 0, 10]) == [(2, 2), (-1, 0), (3, 2)]
+    keys = np.array([5, 1, 9, 3], dtype=np.uint64)
+    assert assign_splits(keys, (np.uint64(1), np.uint64(5))).tolist() == [1, 0, 2, 1]
+    assert assign_splits(keys, (None, None)).tolist() == [2, 2, 2, 2]
+    big = np.array([2**64 - 1, 2**63], dtype=np.uint64)
+    assert assign_splits(big, (np.uint64(2**63), None)).tolist() == [2, 0]
+    assert split_sizes(100, 0.2, 0.1) == {"test": 20, "validation": 8, "train": 72}
 
 
-def test_to_example_round_trip():
-    parsed = tf.io.parse_single_example(
-        to_example(Rating(7, 9, 5.0, 123)),
-        {
-            F.USER_ID: tf.io.FixedLenFeature([], tf.int64),
-            F.MOVIE_ID: tf.io.FixedLenFeature([], tf.int64),
-            F.RATING: tf.io.FixedLenFeature([], tf.float32),
-            F.STARS: tf.io.FixedLenFeature([], tf.float32),
-        },
+def test_encoded_examples_parse_as_tf_examples():
+    record = encode_example(
+        {F.USER_ID: 7, F.MOVIE_ID: 2**40, F.RATING: 1.0, F.STARS: 5.0, F.TIMESTAMP: -3}
     )
-    assert int(parsed[F.USER_ID]) == 7 and int(parsed[F.MOVIE_ID]) == 9
-    assert float(parsed[F.RATING]) == 1.0 and float(parsed[F.STARS]) == 5.0
+    example = tf.train.Example.FromString(record)
+    features = example.features.feature
+    assert features[F.USER_ID].int64_list.value == [7]
+    assert features[F.MOVIE_ID].int64_list.value == [2**40]
+    assert features[F.TIMESTAMP].int64_list.value == [-3]
+    assert features[F.STARS].float_list.value == [5.0]
     assert F.normalise_stars(1) == 0.0 and F.normalise_stars(3) == 0.5
 
 
@@ -101,7 +152,11 @@ def test_run_preprocessing_writes_splits_and_stats(small_examples, small_data_di
         stats = json.load(handle)
     with open(os.path.join(small_data_dir, "u.data")) as handle:
         total = sum(1 for _ in handle)
-    assert stats["rows"] == {"train": total - round(total * 0.2), "test": round(total * 0.2)}
+    n_test = round(total * 0.2)
+    n_validation = round((total - n_test) * 0.1)
+    assert stats["rows"] == {
+        "train": total - n_test - n_validation, "validation": n_validation, "test": n_test
+    }  # fmt: skip
     assert stats["invalid_rows"] == 0
     assert stats["max_user_id"] == 60 and stats["max_movie_id"] <= 40
     counted = sum(
@@ -136,9 +191,24 @@ def test_malformed_share_within_the_limit_is_counted_and_kept_as_dead_letter(tmp
     out = tmp_path / "examples"
     stats = run_preprocessing(ratings, str(out), PreprocessingConfig(max_invalid_share=0.5))
     assert stats["invalid_rows"] == 1 and stats["invalid_share"] == 0.25
-    assert stats["rows"]["train"] + stats["rows"]["test"] == 3
+    assert sum(stats["rows"].values()) == 3
     dead = [n for n in os.listdir(out) if n.startswith(F.DEAD_LETTER_PREFIX)]
     assert len(dead) == 1
+
+
+def test_a_failed_rerun_removes_the_previous_outputs(tmp_path):
+    """A later stage must never take an earlier run's TFRecords for this run's output."""
+    good = _ratings_dir(tmp_path, "1\t2\t3\t4\n1\t3\t4\t4\n2\t2\t5\t4\n2\t4\t1\t4\n")
+    out = tmp_path / "examples"
+    run_preprocessing(good, str(out), PreprocessingConfig())
+    assert split_files(str(out), F.TRAIN_SPLIT)
+    (tmp_path / "ratings" / F.RATINGS_FILE).write_text("1\t2\t3\t4\n1\t3\t9\t4\n")
+    with pytest.raises(DataError):
+        run_preprocessing(good, str(out), PreprocessingConfig())
+    assert sorted(os.listdir(out)) == ["rejected"]
+    with pytest.raises(DataError, match="no train TFRecords"):
+        split_files(str(out), F.TRAIN_SPLIT)
+    assert not [n for n in os.listdir(tmp_path) if ".partial-" in n]
 
 
 def test_bad_row_describe():
