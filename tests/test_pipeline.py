@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -9,6 +10,7 @@ from components.config import (
     SEED_TRAINING,
     ConfigError,
     GateConfig,
+    KubeflowConfig,
     PipelineConfig,
     PreprocessingConfig,
     TrainingConfig,
@@ -17,13 +19,29 @@ from components.layout import list_versions
 from pipeline import cli
 from pipeline.dag import compile_pipeline
 
+STAGES = ["ingestion", "preprocessing", "training", "evaluation", "infra-validation", "push"]
+CLUSTER = KubeflowConfig(
+    image="registry.example/mtrec:test",
+    pvcs=("models-pvc=/mnt/models", "data-pvc=/data"),
+    secrets=("s3-credentials",),
+)
+
+
+def _compile(tmp_path_factory, settings):
+    path = str(tmp_path_factory.mktemp("yaml") / "pipeline.yaml")
+    compile_pipeline(path, settings)
+    with open(path) as handle:
+        return list(yaml.safe_load_all(handle))
+
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("yaml") / "pipeline.yaml")
-    compile_pipeline(path, image="registry.example/mtrec:test")
-    with open(path) as handle:
-        return yaml.safe_load(handle)
+def compiled_documents(tmp_path_factory):
+    return _compile(tmp_path_factory, CLUSTER)
+
+
+@pytest.fixture(scope="module")
+def compiled(compiled_documents):
+    return compiled_documents[0]
 
 
 def _all_tasks(spec):
@@ -35,9 +53,37 @@ def _all_tasks(spec):
     return tasks
 
 
-def test_compiled_yaml_has_the_five_stages(compiled):
+def test_compiled_yaml_has_the_six_stages(compiled):
     names = {task["taskInfo"]["name"] for task in _all_tasks(compiled).values()}
-    assert {"ingestion", "preprocessing", "training", "evaluation", "export"} <= names
+    assert set(STAGES) <= names
+
+
+def test_storage_tasks_mount_volumes_use_secrets_and_retry(compiled, compiled_documents):
+    platform = compiled_documents[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    storage_tasks = {"exec-ingestion-op", "exec-evaluation-op", "exec-push-op"}
+    assert set(platform) == storage_tasks
+    for name in storage_tasks:
+        mounts = {(m["mountPath"], m["constant"]) for m in platform[name]["pvcMount"]}
+        assert mounts == {("/mnt/models", "models-pvc"), ("/data", "data-pvc")}
+        (secret,) = platform[name]["secretAsEnv"]
+        assert secret["secretName"] == "s3-credentials"
+        assert {k["envVar"] for k in secret["keyToEnv"]} == {
+            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"
+        }  # fmt: skip
+    tasks = {t["taskInfo"]["name"]: t for t in _all_tasks(compiled).values()}
+    for name in ("ingestion", "evaluation", "push"):
+        assert tasks[name]["retryPolicy"]["maxRetryCount"] == 2
+    assert "retryPolicy" not in tasks["training"]
+    # No credential values in the YAML: only the secret's name.
+    assert "testing" not in yaml.safe_dump(compiled_documents)
+
+
+def test_no_cache_turns_caching_off_for_every_task(tmp_path_factory, compiled):
+    assert all(t.get("cachingOptions", {}).get("enableCache") for t in _all_tasks(compiled).values() if "componentRef" in t and "triggerPolicy" not in t)
+    (uncached, *_) = _compile(tmp_path_factory, CLUSTER.replace(enable_caching=False))
+    for task in _all_tasks(uncached).values():
+        if "triggerPolicy" not in task:
+            assert not task.get("cachingOptions", {}).get("enableCache")
 
 
 def test_training_requests_a_gpu_and_resources(compiled):
@@ -52,13 +98,18 @@ def test_training_requests_a_gpu_and_resources(compiled):
         assert "pip install" not in " ".join(executor["container"]["command"])
 
 
-def test_export_runs_only_when_blessed(compiled):
+def test_infra_validation_and_push_run_only_when_blessed(compiled):
     tasks = _all_tasks(compiled)
     condition = next(t for t in tasks.values() if "triggerPolicy" in t)
     assert "evaluation-op-Output" in condition["triggerPolicy"]["condition"]
     assert "evaluation-op" in condition["dependentTasks"]
     inner = compiled["components"][condition["componentRef"]["name"]]["dag"]["tasks"]
-    assert [t["taskInfo"]["name"] for t in inner.values()] == ["export"]
+    assert sorted(t["taskInfo"]["name"] for t in inner.values()) == ["infra-validation", "push"]
+    push = next(t for t in inner.values() if t["taskInfo"]["name"] == "push")
+    assert push["dependentTasks"] == ["infra-validation-op"]
+    # The pusher copies the artifact training wrote: the one evaluation scored.
+    model = push["inputs"]["artifacts"]["model"]["componentInputArtifact"]
+    assert model == "pipelinechannel--training-op-model"
 
 
 def test_pipeline_parameters_default_to_the_config(compiled):
@@ -74,13 +125,14 @@ def test_every_cli_flag_maps_to_the_config():
         [
             "run", "--data-dir", "d", "--output", "o", "--preset", "seed", "--epochs", "7",
             "--rating-hidden-units", "32,16", "--use-bias-terms", "true", "--test-fraction", "0.1",
-            "--max-rmse", "0.3", "--require-beat-baselines", "no",
+            "--max-rmse", "0.3", "--require-beat-baselines", "no", "--serving-model-dir", "s3://b/m",
         ]
     )  # fmt: skip
     config = cli.config_from_args(args)
     assert config == PipelineConfig(
         data_dir="d",
         output_dir="o",
+        serving_model_dir="s3://b/m",
         preprocessing=PreprocessingConfig(test_fraction=0.1),
         training=SEED_TRAINING.replace(epochs=7, rating_hidden_units=(32, 16), use_bias_terms=True),
         gates=GateConfig(max_rmse=0.3, require_beat_baselines=False),
@@ -89,6 +141,34 @@ def test_every_cli_flag_maps_to_the_config():
     for section, cls in cli.SECTIONS.items():
         for name in cls.__dataclass_fields__:
             assert f"{section}.{name}" in flags
+
+
+def test_kubeflow_flags_map_to_their_config():
+    parser = cli.build_parser()
+    args = parser.parse_args(
+        ["compile", "--pvc", "a=/x", "--pvc", "b=/y", "--secret", "s=K1,K2", "--no-cache",
+         "--image", "i:1", "--retries", "0"]
+    )  # fmt: skip
+    settings = cli.kubeflow_from_args(args)
+    assert settings == KubeflowConfig(
+        image="i:1", pvcs=("a=/x", "b=/y"), secrets=("s=K1,K2",), enable_caching=False, retries=0
+    )
+    assert settings.secret_envs() == [("s", {"K1": "K1", "K2": "K2"})]
+    with pytest.raises(ConfigError, match="pvc must be NAME=/mount/path"):
+        cli.kubeflow_from_args(parser.parse_args(["compile", "--pvc", "nopath"]))
+    for command in ("submit", "schedule"):
+        flags = {a.dest for a in parser._subparsers._group_actions[0].choices[command]._actions}
+        assert {"kubeflow.pvcs", "kubeflow.secrets", "training.epochs", "gates.max_rmse"} <= flags
+
+
+@pytest.mark.parametrize("version", ["0", "-1", "99999999999999999999", "x"])
+def test_push_version_flag_is_checked(version, capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(
+            ["push", "--model", "m", "--blessing", "b", "--infra-blessing", "i",
+             "--serving-model-dir", "s", "--version", version]
+        )  # fmt: skip
+    assert "expected an integer in 1..9223372036854775807" in capsys.readouterr().err
 
 
 def test_config_round_trips_and_rejects_bad_values():
@@ -123,16 +203,20 @@ def test_a_failing_task_reports_its_error_without_a_traceback(tmp_path, capfd):
     from pipeline.runners import run_local
 
     config = PipelineConfig(data_dir=str(tmp_path / "missing"), output_dir=str(tmp_path / "out"))
-    with pytest.raises(MtrecError, match="the pipeline failed before evaluation finished"):
+    with pytest.raises(MtrecError, match="the pipeline failed in ingestion before evaluation"):
         run_local(config)
     printed = capfd.readouterr()
     output = printed.out + printed.err
     assert "mtrec: error: " in output and "u.data: not found" in output
     assert "Traceback" not in output
+    with open(tmp_path / "out" / "logs" / "ingestion.log") as handle:
+        assert "u.data: not found" in handle.read()
 
 
 @pytest.mark.slow
-def test_local_run_exports_when_blessed_and_a_failing_gate_blocks_export(tmp_path, small_data_dir):
+def test_local_run_pushes_when_blessed_and_a_failing_gate_blocks_the_push(
+    tmp_path, small_data_dir
+):
     from pipeline.runners import run_local
 
     permissive = GateConfig(max_rmse=1.0, min_hit_rate=0.0, require_beat_baselines=False)
@@ -145,11 +229,14 @@ def test_local_run_exports_when_blessed_and_a_failing_gate_blocks_export(tmp_pat
     first = run_local(config)
     assert first.blessed
     assert first.model_path == str(tmp_path / "out" / "serving" / "mtrec" / "1")
+    assert list(first.timings) == STAGES
     loaded = tf.saved_model.load(first.model_path)
     out = loaded.signatures[F.SIGNATURE_RETRIEVE](user_id=tf.constant([1, 2], tf.int32))
     assert out[F.OUT_MOVIE_IDS].shape == (2, 10)
     for name in ("report.md", "report.html", "metrics.json", "blessing.json", "movies.tsv"):
         assert os.path.isfile(tmp_path / "out" / name), name
+    for stage in STAGES:
+        assert os.path.isfile(tmp_path / "out" / "logs" / f"{stage}.log"), stage
 
     blocked = config.__class__(**{**config.__dict__, "gates": permissive.replace(min_hit_rate=1.0)})
     second = run_local(blocked)
@@ -157,4 +244,32 @@ def test_local_run_exports_when_blessed_and_a_failing_gate_blocks_export(tmp_pat
     assert list_versions(str(tmp_path / "out" / "serving" / "mtrec")) == [1]
     gates = {g["name"]: g["passed"] for g in second.blessing["gates"]}
     assert gates["hit@10"] is False
-    assert "hit@10 vs blessed v1" in gates  # compared with the model the first run exported
+    assert "hit@10 vs blessed v1" in gates  # compared with the model the first run pushed
+
+
+@pytest.mark.slow
+def test_the_compiled_yaml_itself_runs_through_kfp_local(tmp_path, small_data_dir):
+    """What is submitted is what was run: the YAML file, loaded back, through kfp.local."""
+    from kfp import components, local
+
+    from pipeline.runners import pipeline_arguments
+
+    path = str(tmp_path / "pipeline.yaml")
+    compile_pipeline(path, KubeflowConfig(retries=0))
+    pipeline = components.load_component_from_file(path)
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(tmp_path / "root"),
+        raise_on_error=True,
+    )
+    serving = str(tmp_path / "serving")
+    config = PipelineConfig(
+        data_dir=small_data_dir,
+        serving_model_dir=serving,
+        training=TrainingConfig(epochs=1, batch_size=256),
+        gates=GateConfig(max_rmse=1.0, min_hit_rate=0.0, require_beat_baselines=False),
+    )
+    task = pipeline(**pipeline_arguments(config))
+    with open(os.path.join(task.outputs["blessing"].path, "blessing.json")) as handle:
+        assert json.load(handle)["blessed"] is True
+    assert list_versions(os.path.join(serving, "mtrec")) == [1]
