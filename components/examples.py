@@ -101,31 +101,32 @@ def make_dataset(
     batch_size: int,
     shuffle: bool = False,
     seed: int = 0,
-    shuffle_buffer: int = 100_000,
     rows: int | None = None,
 ):
-    """(features, normalised rating) batches of one split, streamed from the shards. `rows`
-    (from stats.json) declares the number of batches, so Keras knows the epoch length."""
+    """(features, normalised rating) batches of one split.
+
+    The shards are parsed once, in large batches, into three in-memory columns (12 bytes a row:
+    300 MB for 25M ratings); each epoch then shuffles and batches tensors, so the input pipeline
+    never limits the training step (parsing records every epoch ran at ~115k rows/s on 2 cores).
+    `rows` (from stats.json) is checked against what the shards hold."""
     import tensorflow as tf
 
-    spec = feature_spec()
-    files = split_files(examples_dir, split)
-    dataset = tf.data.TFRecordDataset(files, num_parallel_reads=tf.data.AUTOTUNE)
+    columns = load_columns(examples_dir, split)
+    if rows is not None and len(columns[F.USER_ID]) != rows:
+        raise DataError(
+            f"{examples_dir}: {split} holds {len(columns[F.USER_ID])} rows, stats.json says {rows}"
+        )
+    dataset = tf.data.Dataset.from_tensor_slices(
+        (
+            {F.USER_ID: columns[F.USER_ID], F.MOVIE_ID: columns[F.MOVIE_ID]},
+            columns[F.RATING].astype(np.float32),
+        )
+    )
     if shuffle:
-        dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.batch(batch_size)
-    if rows is not None:
-        dataset = dataset.apply(tf.data.experimental.assert_cardinality(-(-rows // batch_size)))
-
-    def to_inputs(records):
-        batch = tf.io.parse_example(records, spec)
-        inputs = {
-            F.USER_ID: tf.cast(batch[F.USER_ID], tf.int32),
-            F.MOVIE_ID: tf.cast(batch[F.MOVIE_ID], tf.int32),
-        }
-        return inputs, batch[F.RATING]
-
-    return dataset.map(to_inputs, tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+        dataset = dataset.shuffle(
+            len(columns[F.USER_ID]) or 1, seed=seed, reshuffle_each_iteration=True
+        )
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def load_columns(examples_dir: str, split: str, batch_size: int = 65_536) -> dict[str, np.ndarray]:
