@@ -34,7 +34,7 @@ from serving.batching import Batcher
 from serving.cli import add_query_arguments, query_main
 from serving.client import RecommenderClient
 from serving.errors import RequestError, invalid_argument
-from serving.grpc_api import encode_tensor
+from serving.tensors import encode_tensor
 from serving.server import ModelServer, ServerConfig
 from tests.conftest import write_movielens
 
