@@ -6,7 +6,9 @@ base path never sees half a model. Signatures (names in `features`):
 - `serving_default`: user_id -> top-k movie_ids, scores, skipping every movie the user rated in
   the data the pipeline ingested (the export carries that table);
 - `retrieve_excluding`: user_id, excluded_movie_ids -> top-k, skipping only the ids given;
-- `rank`: user_id, movie_id -> rating in [0, 1] and stars in [1, 5].
+- `rank`: user_id, movie_id -> rating in [0, 1] and stars in [1, 5];
+- `retrieve_k`: user_id, scalar k (1..MAX_REQUEST_K) -> top-k as `serving_default`, k columns
+  (padded with -1 / -inf past the number of candidates).
 """
 
 import json
@@ -24,7 +26,7 @@ from kfp.dsl import Artifact, Dataset, Input, Model, Output
 from components import features as F
 from components.errors import GateError
 from components.layout import METADATA_DIR, METADATA_FILE, list_versions
-from components.model import Recommender, SeenMovies
+from components.model import NO_MOVIE, Recommender, SeenMovies
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,24 @@ def build_export_archive(model: Recommender, seen: SeenMovies) -> keras.export.E
         rating = model.predict_rating(user_id, movie_id)
         return {F.OUT_RATING: rating, F.OUT_STARS: F.denormalise_rating(rating)}
 
+    def retrieve_k(user_id, k):
+        user_id = _check_ids(user_id, model.num_users, F.USER_ID)
+        message = f"k must be in 1..{F.MAX_REQUEST_K}"
+        checks = [
+            tf.debugging.assert_greater_equal(k, 1, message=message),
+            tf.debugging.assert_less_equal(k, F.MAX_REQUEST_K, message=message),
+        ]
+        with tf.control_dependencies(checks):
+            k = tf.identity(k)
+        widest = min(F.MAX_REQUEST_K, len(model.candidate_ids))  # static: top-k sorts
+        scores, ids = model.recommend(user_id, k=widest, seen=seen)
+        taken = tf.minimum(k, widest)
+        padding = [[0, 0], [0, k - taken]]
+        return {
+            F.OUT_MOVIE_IDS: tf.pad(ids[:, :taken], padding, constant_values=NO_MOVIE),
+            F.OUT_SCORES: tf.pad(scores[:, :taken], padding, constant_values=float("-inf")),
+        }
+
     user_spec = tf.TensorSpec([None], tf.int32, name=F.USER_ID)
     archive.add_endpoint(F.SIGNATURE_RETRIEVE, retrieve, input_signature=[user_spec])
     archive.add_endpoint(
@@ -94,6 +114,11 @@ def build_export_archive(model: Recommender, seen: SeenMovies) -> keras.export.E
         F.SIGNATURE_RANK,
         rank,
         input_signature=[user_spec, tf.TensorSpec([None], tf.int32, name=F.MOVIE_ID)],
+    )
+    archive.add_endpoint(
+        F.SIGNATURE_RETRIEVE_K,
+        retrieve_k,
+        input_signature=[user_spec, tf.TensorSpec([], tf.int32, name=F.K)],
     )
     return archive
 
@@ -126,7 +151,12 @@ def export_saved_model(
             "num_users": model.num_users,
             "num_movies": model.num_movies,
             "k": model.config.top_k,
-            "signatures": [F.SIGNATURE_RETRIEVE, F.SIGNATURE_RETRIEVE_EXCLUDING, F.SIGNATURE_RANK],
+            "signatures": [
+                F.SIGNATURE_RETRIEVE,
+                F.SIGNATURE_RETRIEVE_EXCLUDING,
+                F.SIGNATURE_RANK,
+                F.SIGNATURE_RETRIEVE_K,
+            ],
             **(metadata or {}),
         }
         with open(os.path.join(staging, METADATA_DIR, METADATA_FILE), "w", encoding="utf-8") as out:

@@ -45,6 +45,7 @@ def test_signatures_round_trip_equal_the_in_memory_model(exported, small_model, 
         F.SIGNATURE_RETRIEVE,
         F.SIGNATURE_RETRIEVE_EXCLUDING,
         F.SIGNATURE_RANK,
+        F.SIGNATURE_RETRIEVE_K,
     }
     users = tf.constant([1, 2, 30, 60], tf.int32)
     out = loaded.signatures[F.SIGNATURE_RETRIEVE](user_id=users)
