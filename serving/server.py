@@ -172,12 +172,14 @@ class ModelServer:
     def _watch_config(self) -> None:
         """Re-read --model-config-file every poll period; a bad file is logged and ignored."""
         config = self.config
-        while not self._stop.wait(config.model_config_file_poll_wait_seconds):
+        last = self.registry.specs  # applied only when the file changes, so a reload request
+        while not self._stop.wait(config.model_config_file_poll_wait_seconds):  # stays until then
             try:
                 specs = read_model_config(config.model_config_file)
-                if specs != self.registry.specs:
+                if specs != last:
                     log.info("model config changed: applying %s", config.model_config_file)
                     self.registry.apply(specs)
+                    last = specs
             except Exception as error:  # keep the running configuration
                 log.error("model config not applied (%s)", error)
 

@@ -34,8 +34,8 @@ from serving.batching import Batcher
 from serving.cli import add_query_arguments, query_main
 from serving.client import RecommenderClient
 from serving.errors import RequestError, invalid_argument
-from serving.tensors import encode_tensor
 from serving.server import ModelServer, ServerConfig
+from serving.tensors import encode_tensor
 from tests.conftest import write_movielens
 
 MODEL = "mtrec"
@@ -191,7 +191,8 @@ def test_client_recommend_retrieve_rank(client, saved_model):
 
 def test_metadata_lists_the_signatures(client):
     metadata = client.metadata()
-    assert set(metadata) == {"serving_default", "retrieve_excluding", "rank"}
+    assert set(metadata) == {"serving_default", "retrieve_excluding", "rank", "retrieve_k"}
+    assert metadata["retrieve_k"].inputs == {"user_id": ("int32", [-1]), "k": ("int32", [])}
     assert metadata["rank"].inputs == {"user_id": ("int32", [-1]), "movie_id": ("int32", [-1])}
     assert metadata["serving_default"].outputs["movie_ids"] == ("int32", [-1, 10])
 
@@ -419,6 +420,7 @@ def test_rest_api(server, saved_model):
         "serving_default",
         "retrieve_excluding",
         "rank",
+        "retrieve_k",
     }
     assert rest(server, "/v1/models/other:predict", {"instances": [1]})[0] == 404
     status, reply = rest(server, f"/v1/models/{MODEL}:predict", {"instances": [1.5]})
