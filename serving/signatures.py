@@ -109,6 +109,10 @@ class Signature:
         }
         self.input_names = frozenset(self.inputs)
         self.output_names = tuple(function.structured_outputs)
+        self._flat = None  # set by use_flat_call
+        self._flat_inputs: tuple[str, ...] = ()
+        self._flat_outputs: tuple[str, ...] = ()
+        self._captures: tuple = ()
         mergeable = self.batched and len(arrays) == len(shapes)
         self._batcher = (
             Batcher(self.call, limits.max_batch_size, limits.on_batch)
@@ -198,22 +202,56 @@ class Signature:
         return {n: outputs[n] for n in wanted}
 
     def call(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The signature called with keyword tensors; TF errors become RequestErrors."""
+        """The signature called with the checked arrays; TF errors become RequestErrors."""
         try:
+            if self._flat is not None:
+                flat = self._flat(
+                    *[tf.constant(arrays[n]) for n in self._flat_inputs], *self._captures
+                )
+                return {n: t.numpy() for n, t in zip(self._flat_outputs, flat, strict=True)}
             outputs = self.function(**{n: tf.constant(a) for n, a in arrays.items()})
         except tf.errors.OpError as error:
             raise RequestError(_status(error), describe_tf_error(error, self.inputs)) from None
         return {n: t.numpy() for n, t in outputs.items()}
 
-    def warm_up(self) -> None:
-        """One call with a batch of 1 (free dimensions 1, ids and scalars 1): the first call of
-        a signature traces and initialises kernels, and must not land on a client."""
+    def use_flat_call(self, sample: dict[str, np.ndarray]) -> bool:
+        """Call the signature's graph function directly, skipping TF's per-call argument
+        binding and casting (~0.1 ms of a ~0.25 ms call; the inputs are already checked).
+        It uses TF internals, so it is kept only when it answers `sample` exactly as the public
+        call does; otherwise (another TF version) the public call stays."""
+        try:
+            flat = self.function._inference_function.call_flat
+            captures = tuple(self.function.captured_inputs)
+            names = tuple(sorted(self.inputs))  # kwargs flatten in key order
+            outputs = tuple(sorted(self.output_names))
+            public = {n: t.numpy() for n, t in self.function(**sample).items()}
+            got = flat(*[tf.constant(sample[n]) for n in names], *captures)
+            same = len(got) == len(outputs) and all(
+                np.array_equal(public[n], t.numpy(), equal_nan=True)
+                and public[n].dtype == t.numpy().dtype
+                for n, t in zip(outputs, got, strict=False)
+            )
+        except Exception as error:  # any failure (or a refused sample) keeps the public call
+            log.info("signature %s: public call path kept (%s)", self.name, error)
+            return False
+        if same:
+            self._flat, self._flat_inputs, self._flat_outputs = flat, names, outputs
+            self._captures = captures
+        return same
+
+    def sample(self) -> dict[str, np.ndarray]:
+        """A valid-looking request: free dimensions 1, ids and scalars 1."""
         arrays = {}
         for name, spec in self.inputs.items():
             dims = [1 if dim is None else dim for dim in spec.shape]
             dtype = spec.numpy_dtype
             arrays[name] = np.full(dims, b"" if dtype.kind in "SOU" else 1, dtype=dtype)
-        self.run(arrays)
+        return arrays
+
+    def warm_up(self) -> None:
+        """One call with `sample()`: the first call of a signature traces and initialises
+        kernels, and must not land on a client."""
+        self.run(self.sample())
 
 
 def read_signature_defs(path: str) -> dict[str, meta_graph_pb2.SignatureDef]:
@@ -260,6 +298,8 @@ class LoadedVersion:
         }
         if not self.signatures:
             raise ValueError(f"{path}: the SavedModel has no serving signatures")
+        for signature in self.signatures.values():
+            signature.use_flat_call(signature.sample())
         self.warmup_records = 0
         if warm_up:
             if os.path.isfile(warmup_path(path)):

@@ -6,6 +6,7 @@ against the signature and the server's limits first, the value count against the
 only then is an array built (a view of `tensor_content` when the bytes are already there).
 """
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,7 +98,7 @@ def decode_tensor(
         raise invalid_argument(f"{spec.where()}: the tensor's shape has unknown rank")
     dims = tuple(dim.size for dim in proto.tensor_shape.dim)
     spec.check_shape(dims, max_batch_size, max_dim_size)
-    count = int(np.prod(dims, dtype=np.int64))
+    count = math.prod(dims)
     known = _DTYPES.get(spec.dtype_enum)
     if known is None:  # strings and rarer types: shape already bounded, so TF may expand it
         try:
