@@ -129,8 +129,12 @@ class ModelServer:
             raise ServerStartError(f"cannot listen on {address} ({error})") from None
         server.start()
         self._grpc = server
-        if config.rest_port != 0:
-            self._start_rest()
+        try:
+            if config.rest_port != 0:
+                self._start_rest()
+        except BaseException:
+            self.stop(grace=0)  # nothing may keep running behind a failed start
+            raise
         if config.poll_seconds > 0:
             self._spawn(self.registry.watch, config.poll_seconds, self._stop, name="model-poller")
         if config.model_config_file and config.model_config_file_poll_wait_seconds > 0:

@@ -416,6 +416,13 @@ def test_bad_flags_are_one_line(argv, text, export, capsys):
     assert err.startswith("mtrec serve: error: ") and text in err and "\n" not in err
 
 
+def test_ports_in_use_are_one_line(server, export, capsys):
+    for port in ("--port", str(server.port)), ("--port", "0", "--rest-port", str(server.rest_port)):
+        assert serve_main(serve("--model-base-path", export["serving"], *port)) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("mtrec serve: error: cannot listen on 127.0.0.1:") and "\n" not in err
+
+
 def test_start_errors_are_one_line(tmp_path, capsys):
     bad = tmp_path / "models.conf"
     bad.write_text("model_config_list { config { name: 'a' base_path: '/x' nonsense: 1 } }")
