@@ -212,6 +212,17 @@ def test_retrieve_k_over_grpc_and_rest(stub, server, saved_model):
     assert [row["movie_ids"] for row in body["predictions"]] == movie_ids[:, :2].tolist()
 
 
+def test_client_recommends_more_than_ten(server):
+    from serving.client import RecommenderClient
+
+    with RecommenderClient(f"127.0.0.1:{server.port}", MODEL) as client:
+        ten = client.recommend(5)
+        more = client.recommend(5, k=30)  # 40 movies, 25 rated: what remains, no padding
+        assert [r.movie_id for r in more[:10]] == [r.movie_id for r in ten]
+        assert 10 < len(more) <= 30 and all(r.movie_id > 0 for r in more)
+        assert client.retrieve([1, 2], k=3).movie_ids.shape == (2, 3)
+
+
 # --- REST: JSON errors everywhere, no banner, timeouts, limits ---
 
 
