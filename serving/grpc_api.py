@@ -1,4 +1,4 @@
-"""The TF Serving gRPC API (PredictionService, ModelService) over a `ModelManager`.
+"""The TF Serving gRPC API (PredictionService, ModelService) over a `ModelRegistry`.
 
 Only the standard protos and stubs of `tensorflow-serving-api`: any TF Serving client works
 against this server, and this project's client works against TF Serving.

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
 
-__all__ = ["ModelServer", "ServerConfig"]
+__all__ = ["ModelServer", "ServerConfig"]  # ServerConfig re-exported: callers build both here
 
 
 def model_specs(config: ServerConfig) -> list[ModelSpec]:
@@ -71,11 +71,6 @@ class ModelServer:
         self._stop = threading.Event()
         self._stopped = threading.Event()
         self._set_health(False)
-
-    @property
-    def manager(self):
-        """The first configured model's manager (the one-model shorthand's)."""
-        return next(iter(self.registry.managers.values()))
 
     def _set_health(self, ready: bool) -> None:
         status = (
