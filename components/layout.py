@@ -13,6 +13,7 @@ from components import storage
 SAVED_MODEL_FILE = "saved_model.pb"
 METADATA_DIR = "assets.extra"  # TF Serving ignores it; it is part of the SavedModel folder
 METADATA_FILE = "mtrec.json"
+WARMUP_FILE = "tf_serving_warmup_requests"  # under assets.extra/, as TF Serving reads it
 _VERSION_DIR = re.compile(r"^[0-9]+$")
 MAX_VERSION = 2**63 - 1  # TF Serving's versions are int64; 0 and below are never loaded
 

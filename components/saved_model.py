@@ -13,7 +13,9 @@ Signatures (names in `features`):
 - `serving_default`: user_id -> top-k movie_ids, scores, skipping every movie the user rated in
   the data the pipeline ingested (the export carries that table);
 - `retrieve_excluding`: user_id, excluded_movie_ids -> top-k, skipping only the ids given;
-- `rank`: user_id, movie_id -> rating in [0, 1] and stars in [1, 5].
+- `rank`: user_id, movie_id -> rating in [0, 1] and stars in [1, 5];
+- `retrieve_k`: user_id, scalar k (1..MAX_REQUEST_K) -> top-k as `serving_default`, k columns
+  (padded with -1 / -inf past the number of candidates).
 """
 
 import json
@@ -26,12 +28,17 @@ import numpy as np
 
 from components import features as F
 from components.errors import DataError
-from components.layout import METADATA_DIR, METADATA_FILE, SAVED_MODEL_FILE
+from components.layout import METADATA_DIR, METADATA_FILE, SAVED_MODEL_FILE, WARMUP_FILE
 
 HISTORY_FILE = F.HISTORY_FILE
-WARMUP_FILE = "tf_serving_warmup_requests"  # TF Serving's name, under assets.extra/
 WARMUP_USERS = 4  # ids per warmup request
-SIGNATURES = (F.SIGNATURE_RETRIEVE, F.SIGNATURE_RETRIEVE_EXCLUDING, F.SIGNATURE_RANK)
+SIGNATURES = (
+    F.SIGNATURE_RETRIEVE,
+    F.SIGNATURE_RETRIEVE_EXCLUDING,
+    F.SIGNATURE_RANK,
+    F.SIGNATURE_RETRIEVE_K,
+)
+WARMUP_K = 5
 SCORING_BATCH = 1024  # users per retrieval call when scoring a whole split
 
 
@@ -89,6 +96,26 @@ def build_export_archive(model, seen):
         rating = model.predict_rating(user_id, movie_id)
         return {F.OUT_RATING: rating, F.OUT_STARS: F.denormalise_rating(rating)}
 
+    def retrieve_k(user_id, k):
+        from components.model import NO_MOVIE
+
+        user_id = _check_ids(user_id, model.num_users, F.USER_ID)
+        message = f"k must be in 1..{F.MAX_REQUEST_K}"
+        checks = [
+            tf.debugging.assert_greater_equal(k, 1, message=message),
+            tf.debugging.assert_less_equal(k, F.MAX_REQUEST_K, message=message),
+        ]
+        with tf.control_dependencies(checks):
+            k = tf.identity(k)
+        widest = min(F.MAX_REQUEST_K, len(model.candidate_ids))  # static: top-k sorts
+        scores, ids = model.recommend(user_id, k=widest, seen=seen)
+        taken = tf.minimum(k, widest)
+        padding = [[0, 0], [0, k - taken]]
+        return {
+            F.OUT_MOVIE_IDS: tf.pad(ids[:, :taken], padding, constant_values=NO_MOVIE),
+            F.OUT_SCORES: tf.pad(scores[:, :taken], padding, constant_values=float("-inf")),
+        }
+
     user_spec = tf.TensorSpec([None], tf.int32, name=F.USER_ID)
     archive.add_endpoint(F.SIGNATURE_RETRIEVE, retrieve, input_signature=[user_spec])
     archive.add_endpoint(
@@ -104,6 +131,11 @@ def build_export_archive(model, seen):
         rank,
         input_signature=[user_spec, tf.TensorSpec([None], tf.int32, name=F.MOVIE_ID)],
     )
+    archive.add_endpoint(
+        F.SIGNATURE_RETRIEVE_K,
+        retrieve_k,
+        input_signature=[user_spec, tf.TensorSpec([], tf.int32, name=F.K)],
+    )
     return archive
 
 
@@ -118,6 +150,7 @@ def warmup_inputs(num_users: int, num_movies: int) -> dict[str, dict[str, np.nda
             F.EXCLUDED_MOVIE_IDS: np.stack([movies, np.zeros_like(movies)], axis=1),
         },
         F.SIGNATURE_RANK: {F.USER_ID: users, F.MOVIE_ID: movies},
+        F.SIGNATURE_RETRIEVE_K: {F.USER_ID: users, F.K: np.int32(WARMUP_K)},
     }
 
 

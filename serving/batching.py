@@ -42,9 +42,15 @@ class Batcher:
     oldest runs the next call for everyone waiting (no extra thread, no hand-off on the
     uncontended path)."""
 
-    def __init__(self, call: Callable[[Arrays], Arrays], max_rows: int = 0):
+    def __init__(
+        self,
+        call: Callable[[Arrays], Arrays],
+        max_rows: int = 0,
+        on_batch: Callable[[int], None] | None = None,
+    ):
         self._call = call
         self._max_rows = max_rows
+        self._on_batch = on_batch  # told the rows of each model call (metrics)
         self._lock = threading.Lock()
         self._pending: deque[_Request] = deque()
         self._busy = False  # invariant: not busy => nothing pending
@@ -93,6 +99,8 @@ class Batcher:
         return batch
 
     def _execute(self, batch: list[_Request]) -> None:
+        if self._on_batch is not None:
+            self._on_batch(sum(r.rows for r in batch))
         try:
             if len(batch) == 1 or not self._run_merged(batch):
                 for request in batch:

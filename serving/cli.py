@@ -13,73 +13,40 @@ import threading
 log = logging.getLogger(__name__)
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model-base-path",
-        required=True,
-        help="export base folder: serves <base>/<model-name>/<highest integer version>/",
-    )
-    parser.add_argument("--model-name", default="mtrec", help="default: %(default)s")
-    parser.add_argument(
-        "--host", default="0.0.0.0", help="interface to bind (default: %(default)s)"
-    )
-    parser.add_argument("--port", type=int, default=8500, help="gRPC port (default: %(default)s)")
-    parser.add_argument(
-        "--rest-port",
-        type=int,
-        default=0,
-        help="TF Serving REST API port, e.g. 8501 (default: 0, off)",
-    )
-    parser.add_argument(
-        "--poll-seconds",
-        type=float,
-        default=2.0,
-        help="how often to look for a new version (0: never; default: %(default)s)",
-    )
-    parser.add_argument(
-        "--keep-versions",
-        type=int,
-        default=1,
-        help="versions kept loaded, newest first, for requests pinning model_spec.version "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=0,
-        help="gRPC handler threads (default: 0 = 8 per core, 8 to 32)",
-    )
-    parser.add_argument(
-        "--max-batch-size",
-        type=int,
-        default=4096,
-        help="largest batch a request may send (0: no limit; default: %(default)s)",
-    )
-    parser.add_argument(
-        "--batching",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="merge concurrent requests to a signature into one model call (default: on)",
-    )
-    parser.add_argument(
-        "--inter-op-threads",
-        type=int,
-        default=1,
-        help="TensorFlow inter-op threads (default: %(default)s: lowest latency for these small "
-        "graphs; 0 = TensorFlow's default)",
-    )
-    parser.add_argument(
-        "--intra-op-threads",
-        type=int,
-        default=0,
-        help="TensorFlow intra-op threads (default: 0 = TensorFlow's default)",
-    )
-    parser.add_argument(
-        "--grace-seconds",
-        type=float,
-        default=5.0,
-        help="time in-flight requests get at shutdown (default: %(default)s)",
-    )
+    """One flag per ServerConfig field (e.g. max_batch_size -> --max-batch-size); the dataclass
+    holds defaults and help, `ServerConfig.problems()` the checks."""
+    from serving.config import config_fields
+
+    for field in config_fields():
+        default = field.default
+        help_text = field.metadata.get("help", "")
+        if isinstance(default, bool):
+            parser.add_argument(
+                _flag(field.name),
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=f"{help_text} (default: {'on' if default else 'off'})",
+            )
+            continue
+        kind = type(default)
+        parser.add_argument(
+            _flag(field.name),
+            type=kind,
+            default=default,
+            metavar={int: "N", float: "SECONDS"}.get(kind, "TEXT"),
+            help=f"{help_text} (default: %(default)s)" if default != "" else help_text,
+        )
+
+
+def config_from_args(args: argparse.Namespace):
+    from serving.config import ServerConfig, config_fields
+
+    return ServerConfig(**{field.name: getattr(args, field.name) for field in config_fields()})
 
 
 def configure_tensorflow_threads(inter_op: int, intra_op: int) -> None:
@@ -96,24 +63,19 @@ def configure_tensorflow_threads(inter_op: int, intra_op: int) -> None:
 
 
 def serve_main(args: argparse.Namespace) -> int:
-    """Run the server until SIGTERM or Ctrl-C, then drain and exit 0."""
-    configure_tensorflow_threads(args.inter_op_threads, args.intra_op_threads)
-    from serving.server import ModelServer, ServerConfig
+    """Run the server until SIGTERM or Ctrl-C, then drain and exit 0. A setting or start-up
+    problem the user can fix prints one `mtrec serve: error: ...` line and exits 2."""
+    from components.errors import MtrecError
 
-    config = ServerConfig(
-        model_base_path=args.model_base_path,
-        model_name=args.model_name,
-        host=args.host,
-        port=args.port,
-        rest_port=args.rest_port,
-        poll_seconds=args.poll_seconds,
-        keep_versions=args.keep_versions,
-        workers=args.workers,
-        max_batch_size=args.max_batch_size,
-        grace_seconds=args.grace_seconds,
-        batching=args.batching,
-    )
-    server = ModelServer(config).start()
+    try:
+        config = config_from_args(args).check()
+        configure_tensorflow_threads(config.inter_op_threads, config.intra_op_threads)
+        from serving.server import ModelServer
+
+        server = ModelServer(config).start()
+    except MtrecError as error:
+        print(f"mtrec serve: error: {error}", file=sys.stderr)
+        return 2
     stop = threading.Event()
 
     def on_signal(signum, _frame) -> None:

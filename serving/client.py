@@ -26,6 +26,7 @@ from components import features as F
 from serving.errors import ServingClientError
 
 _STATES = get_model_status_pb2.ModelVersionStatus.State
+DEFAULT_K = 10  # what serving_default returns (TrainingConfig.top_k of the exports)
 
 
 class Recommendation(NamedTuple):
@@ -167,13 +168,20 @@ class RecommenderClient:
     # --- the recommender's signatures ---
 
     def retrieve(
-        self, user_ids: Sequence[int] | np.ndarray | int, excluded_movie_ids: Any = None
+        self,
+        user_ids: Sequence[int] | np.ndarray | int,
+        excluded_movie_ids: Any = None,
+        k: int | None = None,
     ) -> Retrieval:
-        """Top-k movies per user. Without `excluded_movie_ids`: `serving_default`, which skips
-        the movies each user rated; with it ([users, n] ids, 0-padded; [users, 0] for none):
+        """Top-k movies per user. Without `excluded_movie_ids`: `serving_default` (the export's
+        k), or `retrieve_k` when `k` is given (1..features.MAX_REQUEST_K), both skipping the
+        movies each user rated; with it ([users, n] ids, 0-padded; [users, 0] for none):
         `retrieve_excluding`, which skips only those."""
         inputs = {F.USER_ID: _ids(user_ids, F.USER_ID)}
         signature = F.SIGNATURE_RETRIEVE
+        if k is not None and excluded_movie_ids is None:
+            signature = F.SIGNATURE_RETRIEVE_K
+            inputs[F.K] = np.asarray(k, np.int32)
         if excluded_movie_ids is not None:
             signature = F.SIGNATURE_RETRIEVE_EXCLUDING
             inputs[F.EXCLUDED_MOVIE_IDS] = _ids(excluded_movie_ids, F.EXCLUDED_MOVIE_IDS, ndim=2)
@@ -193,14 +201,16 @@ class RecommenderClient:
     def recommend(
         self, user_id: int, k: int = 10, include_seen: bool = False, by_rating: bool = False
     ) -> list[Recommendation]:
-        """The user's top-k (at most the export's k) with predicted stars: one retrieval call and
-        one batched rank call. `include_seen` keeps movies the user already rated (the seed's
+        """The user's top-k with predicted stars: one retrieval call and one batched rank call.
+        Beyond the export's k (10), seen movies excluded, it asks `retrieve_k`; with
+        `include_seen`, at most the export's k. `include_seen` keeps movies the user already rated (the seed's
         behaviour); `by_rating` orders the retrieved movies by predicted stars (retrieve, then
         rank) instead of by retrieval score."""
         if k <= 0:
             raise ServingClientError(f"k must be positive, got {k}")
         excluded = np.zeros([1, 0], np.int32) if include_seen else None
-        retrieved = self.retrieve([user_id], excluded)
+        wide = k > DEFAULT_K and not include_seen  # older exports lack retrieve_k: only then
+        retrieved = self.retrieve([user_id], excluded, k=k if wide else None)
         ids, scores = retrieved.movie_ids[0], retrieved.scores[0]
         keep = ids > 0  # -1 pads when fewer than k movies remain
         ids, scores = ids[keep][:k], scores[keep][:k]

@@ -1,26 +1,30 @@
-"""The TF Serving gRPC API (PredictionService, ModelService) over a `ModelManager`.
+"""The TF Serving gRPC API (PredictionService, ModelService) over a `ModelRegistry`.
 
 Only the standard protos and stubs of `tensorflow-serving-api`: any TF Serving client works
 against this server, and this project's client works against TF Serving.
 """
 
 import logging
+from collections.abc import Callable
 
 import grpc
-import numpy as np
-import tensorflow as tf
 from google.protobuf import any_pb2
-from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
+    model_management_pb2,
     model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2_grpc,
 )
 
+from serving.config import ConfigError
 from serving.errors import RequestError, invalid_argument
-from serving.models import LoadedVersion, ModelManager, Signature
+from serving.model_config import specs_from_proto
+from serving.models import ModelRegistry
+from serving.predict import Predictor
+from serving.signatures import LoadedVersion
+from serving.tensors import encode_tensor
 
 log = logging.getLogger(__name__)
 
@@ -29,44 +33,8 @@ _STATES = get_model_status_pb2.ModelVersionStatus.State
 _UNKNOWN_ERROR = 2  # tensorflow.error.Code.UNKNOWN
 
 
-# Numeric dtypes encoded directly (tensor_content, as tf.make_tensor_proto writes them).
-_CONTENT_DTYPES = {
-    np.dtype(np.float32): types_pb2.DT_FLOAT,
-    np.dtype(np.float64): types_pb2.DT_DOUBLE,
-    np.dtype(np.int32): types_pb2.DT_INT32,
-    np.dtype(np.int64): types_pb2.DT_INT64,
-}
-
-
-def encode_tensor(array: np.ndarray, proto: tensor_pb2.TensorProto) -> None:
-    """Fill `proto` in place with what `tf.make_tensor_proto(array)` returns (dtype, shape,
-    little-endian tensor_content): a tenth of its cost and no CopyFrom, for the dtypes the
-    signatures return; anything else goes through tf.make_tensor_proto."""
-    enum = _CONTENT_DTYPES.get(array.dtype)
-    if enum is None or array.dtype.byteorder == ">":
-        proto.CopyFrom(tf.make_tensor_proto(array))
-        return
-    proto.dtype = enum
-    dims = proto.tensor_shape.dim
-    for size in array.shape:
-        dims.add().size = size
-    proto.tensor_content = array.tobytes()
-
-
 def _requested_version(spec) -> int | None:
     return spec.version.value if spec.HasField("version") else None
-
-
-def decode_inputs(signature: Signature, inputs) -> dict[str, np.ndarray]:
-    """TensorProtos -> numpy, refusing an unknown name or a wrong dtype before decoding."""
-    arrays = {}
-    for name, proto in inputs.items():
-        signature.check_dtype_enum(name, proto.dtype)
-        try:
-            arrays[name] = tf.make_ndarray(proto)
-        except (ValueError, TypeError) as error:
-            raise invalid_argument(f"input {name!r}: malformed TensorProto ({error})") from None
-    return arrays
 
 
 def _abort_with(context: grpc.ServicerContext, error: Exception, method: str) -> None:
@@ -82,15 +50,23 @@ def _abort_with(context: grpc.ServicerContext, error: Exception, method: str) ->
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     """Predict on any signature (serving_default when none is named) and GetModelMetadata."""
 
-    def __init__(self, manager: ModelManager):
-        self.manager = manager
+    def __init__(self, predictor: Predictor):
+        self.predictor = predictor
+        self.registry = predictor.registry
 
     def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
         try:
             spec = request.model_spec
-            loaded = self.manager.resolve(spec.name, _requested_version(spec), spec.version_label)
-            signature = loaded.signature(spec.signature_name)
-            outputs = signature.run(decode_inputs(signature, request.inputs), request.output_filter)
+            inputs = request.inputs
+            loaded, signature, outputs = self.predictor.predict(
+                "grpc",
+                spec.name,
+                _requested_version(spec),
+                spec.version_label,
+                spec.signature_name,
+                lambda signature: signature.decode(inputs),
+                request.output_filter,
+            )
         except Exception as error:
             _abort_with(context, error, "Predict")
         response = predict_pb2.PredictResponse()
@@ -104,7 +80,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     ) -> get_model_metadata_pb2.GetModelMetadataResponse:
         try:
             spec = request.model_spec
-            loaded = self.manager.resolve(spec.name, _requested_version(spec), spec.version_label)
+            loaded = self.registry.resolve(spec.name, _requested_version(spec), spec.version_label)
             fields = list(request.metadata_field)
             if not fields:
                 raise invalid_argument(f"metadata_field is empty: ask for {SIGNATURE_DEF_FIELD!r}")
@@ -136,8 +112,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     def _unimplemented(self, context, method: str) -> None:
         context.abort(
             grpc.StatusCode.UNIMPLEMENTED,
-            f"{method} is not implemented by this server: use Predict (signatures "
-            f"{', '.join(sorted(self.manager.latest.signatures)) if self.manager.latest else '-'})",
+            f"{method} is not implemented by this server: use Predict",
         )
 
     def Classify(self, request, context):
@@ -151,19 +126,23 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
 
 class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
-    """GetModelStatus: loaded versions AVAILABLE, a failed one END with its error."""
+    """GetModelStatus (loaded versions AVAILABLE, a failed one END with its error) and
+    HandleReloadConfigRequest (a new model_config_list, applied before the answer)."""
 
-    def __init__(self, manager: ModelManager):
-        self.manager = manager
+    def __init__(self, registry: ModelRegistry, on_reload: Callable[[list], None] | None = None):
+        self.registry = registry
+        self.on_reload = on_reload
 
     def GetModelStatus(
         self, request: get_model_status_pb2.GetModelStatusRequest, context
     ) -> get_model_status_pb2.GetModelStatusResponse:
         try:
             spec = request.model_spec
+            manager = self.registry.manager(spec.name)
+            version = _requested_version(spec)
             if spec.version_label:
-                raise invalid_argument("version labels are not configured on this server")
-            states = self.manager.states(spec.name, _requested_version(spec))
+                version = manager.resolve(None, spec.version_label).version
+            states = manager.states(version)
         except Exception as error:
             _abort_with(context, error, "GetModelStatus")
         response = get_model_status_pb2.GetModelStatusResponse()
@@ -176,9 +155,19 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
                 entry.status.error_message = state.error
         return response
 
-    def HandleReloadConfigRequest(self, request, context):
-        context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "HandleReloadConfigRequest is not implemented: this server watches "
-            f"{self.manager.model_dir} for new versions instead",
-        )
+    def HandleReloadConfigRequest(
+        self, request: model_management_pb2.ReloadConfigRequest, context
+    ) -> model_management_pb2.ReloadConfigResponse:
+        try:
+            specs = specs_from_proto(request.config)
+        except ConfigError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ReloadConfig: {error}")
+        try:
+            self.registry.apply(specs)
+            if self.on_reload is not None:
+                self.on_reload(specs)
+        except Exception as error:
+            _abort_with(context, error, "HandleReloadConfigRequest")
+        response = model_management_pb2.ReloadConfigResponse()
+        response.status.error_code = 0
+        return response

@@ -1,131 +1,144 @@
-"""The model server: model manager + gRPC (PredictionService, ModelService, health) + optional
-REST, with version polling and graceful shutdown."""
+"""The model server: a model registry + gRPC (PredictionService, ModelService, health) + optional
+REST, with version polling, config-file re-reading and graceful shutdown."""
 
 import logging
 import os
 import threading
 from concurrent import futures
-from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
+from components import storage
+from serving.config import ServerConfig
 from serving.errors import ServerStartError
 from serving.grpc_api import ModelServicer, PredictionServicer
-from serving.models import LoadedVersion, ModelManager
-from serving.rest_api import RestApi, RestServer
+from serving.metrics import ServingMetrics
+from serving.model_config import read_model_config
+from serving.models import ModelRegistry, ModelSpec, VersionPolicy
+from serving.predict import Predictor
+from serving.rest_api import AsgiApp, RestApi, RestServer
+from serving.signatures import Limits
 
 log = logging.getLogger(__name__)
 
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+__all__ = ["ModelServer", "ServerConfig"]  # ServerConfig re-exported: callers build both here
 
 
-def default_workers() -> int:
-    """gRPC handler threads: 8 per core, 8 to 32. Most of them wait (for the batcher, or for
-    TF kernels, which drop the GIL); with fewer than the clients in flight, requests queue
-    before the batcher instead of merging in it (measured on 2 cores: 16 threads give ~1.4x
-    the throughput of 4 at 32 clients, and 32 no more than 16)."""
-    return min(32, max(8, 8 * (os.cpu_count() or 1)))
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """What `mtrec serve` configures."""
-
-    model_base_path: str
-    model_name: str = "mtrec"
-    host: str = "0.0.0.0"
-    port: int = 8500  # 0: pick a free port (tests)
-    rest_port: int = 0  # 0: no REST API; -1: a free port (tests)
-    poll_seconds: float = 2.0  # 0: load once, never poll
-    keep_versions: int = 1  # versions kept loaded for pinned requests (the newest first)
-    workers: int = 0  # gRPC handler threads; 0: default_workers()
-    max_batch_size: int = 4096  # refuse larger batches (0: no limit)
-    grace_seconds: float = 5.0  # in-flight requests get this long at shutdown
-    warm_up: bool = True
-    batching: bool = True  # merge concurrent requests to a signature (rows are independent)
+def model_specs(config: ServerConfig) -> list[ModelSpec]:
+    """The configured models: the config file's, or the one-model shorthand (whose
+    --model-base-path is the export base, holding <model-name>/<version>/)."""
+    if config.model_config_file:
+        return read_model_config(config.model_config_file)
+    remote = storage.is_remote(config.model_base_path)
+    if not remote and not os.path.isdir(config.model_base_path):
+        raise ServerStartError(
+            f"--model-base-path {config.model_base_path}: not a folder (expected "
+            f"<base>/{config.model_name}/<version>/saved_model.pb)"
+        )
+    return [
+        ModelSpec(
+            config.model_name,
+            storage.join(config.model_base_path, config.model_name),
+            VersionPolicy(num_versions=config.keep_versions),
+        )
+    ]
 
 
 class ModelServer:
-    """Start, serve, stop. `start()` loads the newest loadable version before it returns."""
+    """Start, serve, stop. `start()` loads what it can before it returns; health and /readyz
+    turn SERVING only once every configured model has an AVAILABLE, warmed-up version."""
 
     def __init__(self, config: ServerConfig):
-        self.config = config
-        if not os.path.isdir(config.model_base_path):
-            raise ServerStartError(
-                f"--model-base-path {config.model_base_path}: not a folder (expected "
-                f"<base>/{config.model_name}/<version>/saved_model.pb)"
-            )
-        self.manager = ModelManager(
-            config.model_base_path,
-            config.model_name,
-            keep_versions=config.keep_versions,
-            max_batch_size=config.max_batch_size,
-            warm_up=config.warm_up,
-            batching=config.batching,
+        self.config = config.check()
+        self.metrics = ServingMetrics()
+        limits = Limits(
+            config.max_batch_size, config.max_dim_size, config.batching, self.metrics.on_batch
         )
+        self.registry = ModelRegistry(
+            model_specs(config), limits, config.warm_up, self.metrics.on_load
+        )
+        self.predictor = Predictor(self.registry, self.metrics)
         self.health = health.HealthServicer()
         self.port: int | None = None
         self.rest_port: int | None = None
         self._grpc: grpc.Server | None = None
         self._rest: RestServer | None = None
+        self._executor: futures.ThreadPoolExecutor | None = None
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._stopped = threading.Event()
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._set_health(False)
 
-    def _set_health(self, status) -> None:
+    def _set_health(self, ready: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ready
+            else (health_pb2.HealthCheckResponse.NOT_SERVING)
+        )
         for service in ("", PREDICTION_SERVICE, MODEL_SERVICE):
             self.health.set(service, status)
 
-    def _on_new_version(self, loaded: LoadedVersion) -> None:
+    def _update_health(self) -> None:
         if not self._stop.is_set():
-            self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            self._set_health(self.registry.ready())
 
     def start(self) -> "ModelServer":
         config = self.config
-        self.manager.add_listener(self._on_new_version)
-        self.manager.poll()
-        if self.manager.latest is None:
-            log.warning(
-                "no loadable version of %s under %s yet: health is NOT_SERVING until one appears",
-                config.model_name,
-                self.manager.model_dir,
-            )
-        workers = config.workers or default_workers()
+        self.registry.add_listener(self._update_health)
+        self.registry.poll()
+        for name, manager in self.registry.managers.items():
+            if manager.latest is None:
+                log.warning(
+                    "no loadable version of %s under %s yet: NOT_SERVING until one appears",
+                    name,
+                    manager.model_dir,
+                )
+        workers = config.grpc_workers
+        size = config.max_request_bytes
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", size),
+                ("grpc.max_send_message_length", size),
                 ("grpc.so_reuseport", 0),
             ],
         )
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionServicer(self.manager), server
+            PredictionServicer(self.predictor), server
         )
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-            ModelServicer(self.manager), server
+            ModelServicer(self.registry), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        address = f"{config.host}:{config.port}"
+        address = (
+            f"[{config.host}]:{config.port}"
+            if ":" in config.host
+            else (f"{config.host}:{config.port}")
+        )
         try:
             self.port = server.add_insecure_port(address)
         except RuntimeError as error:
             raise ServerStartError(f"cannot listen on {address} ({error})") from None
         server.start()
         self._grpc = server
-        if config.rest_port != 0:
-            self._start_rest()
+        try:
+            if config.rest_port != 0:
+                self._start_rest()
+        except BaseException:
+            self.stop(grace=0)  # nothing may keep running behind a failed start
+            raise
         if config.poll_seconds > 0:
-            self._spawn(self.manager.watch, config.poll_seconds, self._stop, name="model-poller")
+            self._spawn(self.registry.watch, config.poll_seconds, self._stop, name="model-poller")
+        if config.model_config_file and config.model_config_file_poll_wait_seconds > 0:
+            self._spawn(self._watch_config, name="config-poller")
         log.info(
-            "serving %s from %s: gRPC on %s:%d%s (%d handler threads, batching %s, polling %s)",
-            config.model_name,
-            self.manager.model_dir,
+            "serving %s: gRPC on %s:%d%s (%d handler threads, batching %s, polling %s)",
+            ", ".join(f"{m.name} from {m.model_dir}" for m in self.registry.managers.values()),
             config.host,
             self.port,
             f", REST on {config.host}:{self.rest_port}" if self.rest_port else "",
@@ -136,15 +149,40 @@ class ModelServer:
         return self
 
     def _start_rest(self) -> None:
-        port = max(self.config.rest_port, 0)  # -1 asks for a free port (tests)
+        config = self.config
+        port = max(config.rest_port, 0)  # -1 asks for a free port (tests)
+        self._executor = futures.ThreadPoolExecutor(config.grpc_workers, thread_name_prefix="rest")
+        app = AsgiApp(RestApi(self.predictor), self._executor, config.max_request_bytes)
         try:
-            self._rest = RestServer((self.config.host, port), RestApi(self.manager))
+            self._rest = RestServer(
+                app,
+                config.host,
+                port,
+                read_timeout=config.rest_read_timeout_seconds,
+                idle_timeout=config.rest_idle_timeout_seconds,
+                max_connections=config.rest_max_connections,
+                grace_seconds=config.grace_seconds,
+            )
         except OSError as error:
             raise ServerStartError(
-                f"cannot listen on {self.config.host}:{port} for REST ({error})"
+                f"cannot listen on {config.host}:{port} for REST ({error.strerror or error})"
             ) from None
-        self.rest_port = self._rest.server_address[1]
-        self._spawn(self._rest.serve_forever, 0.2, name="rest")
+        self.rest_port = self._rest.port
+        self._rest.start()
+
+    def _watch_config(self) -> None:
+        """Re-read --model-config-file every poll period; a bad file is logged and ignored."""
+        config = self.config
+        last = self.registry.specs  # applied only when the file changes, so a reload request
+        while not self._stop.wait(config.model_config_file_poll_wait_seconds):  # stays until then
+            try:
+                specs = read_model_config(config.model_config_file)
+                if specs != last:
+                    log.info("model config changed: applying %s", config.model_config_file)
+                    self.registry.apply(specs)
+                    last = specs
+            except Exception as error:  # keep the running configuration
+                log.error("model config not applied (%s)", error)
 
     def _spawn(self, target, *args, name: str) -> None:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -160,10 +198,11 @@ class ModelServer:
         log.info("shutting down")
         self.health.enter_graceful_shutdown()
         if self._rest is not None:
-            self._rest.shutdown()
-            self._rest.server_close()
+            self._rest.stop()
         if self._grpc is not None:
             self._grpc.stop(self.config.grace_seconds if grace is None else grace).wait()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
         for thread in self._threads:
             thread.join(timeout=5)
         self._stopped.set()

@@ -22,7 +22,7 @@ def test_tf1_session_runs_every_signature_by_tensor_name(small_saved_model):
 @pytest.mark.slow
 def test_a_good_candidate_passes_in_both(tmp_path, small_saved_model):
     result = run_infra_validation(small_saved_model, str(tmp_path / "infra"))
-    assert result["blessed"] and result["requests"] == 3
+    assert result["blessed"] and result["requests"] == 4
     assert os.path.isfile(tmp_path / "infra" / F.INFRA_BLESSING_FILE)
 
 

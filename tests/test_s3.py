@@ -2,6 +2,7 @@
 `mtrec run` reading its data from s3:// and pushing the blessed model to s3://."""
 
 import os
+import time
 
 import pytest
 
@@ -35,3 +36,39 @@ def test_mtrec_run_reads_and_pushes_through_s3(tmp_path, s3_bucket, small_data_d
     assert second.metrics["previous"]["version"] == 1
     assert list_versions(f"{s3_bucket}/models/mtrec") == [1, 2]
     assert not [n for n in storage.listdir(f"{s3_bucket}/models/mtrec") if n.startswith(".")]
+
+
+@pytest.mark.slow
+def test_mtrec_serve_polls_an_s3_base_path(s3_bucket, small_saved_model):
+    """Versions pushed to the bucket are picked up by the server: the first, then a newer one."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from serving.client import RecommenderClient
+    from serving.server import ModelServer, ServerConfig
+
+    base = f"{s3_bucket}/models"
+    _upload_tree(small_saved_model, f"{base}/mtrec/1")
+    server = ModelServer(
+        ServerConfig(base, "mtrec", host="127.0.0.1", port=0, rest_port=-1, poll_seconds=0.2)
+    ).start()
+    try:
+        target = f"127.0.0.1:{server.port}"
+        with grpc.insecure_channel(target) as channel, RecommenderClient(target, "mtrec") as client:
+            health = health_pb2_grpc.HealthStub(channel)
+            assert health.Check(health_pb2.HealthCheckRequest()).status == 1  # SERVING
+            assert client.retrieve([1, 2]).version == 1
+            _upload_tree(small_saved_model, f"{base}/mtrec/2")
+            deadline = time.monotonic() + 60
+            while client.retrieve([1]).version != 2:
+                assert time.monotonic() < deadline, "version 2 was never served"
+                time.sleep(0.2)
+    finally:
+        server.stop(grace=0)
+
+
+def _upload_tree(local: str, remote: str) -> None:
+    """As the pusher orders it: saved_model.pb last."""
+    files = storage.local_files(local)
+    for relative in [f for f in files if f != SAVED_MODEL_FILE] + [SAVED_MODEL_FILE]:
+        storage.upload_file(os.path.join(local, relative), storage.join(remote, relative))

@@ -48,6 +48,7 @@ def test_training_writes_a_complete_servable(small_saved_model):
     assert len(history["rmse"]) == 3 and len(history["val_rmse"]) == 3  # validation each epoch
     requests = list(read_warmup_requests(small_saved_model))
     assert [r.model_spec.signature_name for r in requests] == list(SIGNATURES)
+    assert F.SIGNATURE_RETRIEVE_K in SIGNATURES
     assert not [n for n in os.listdir(os.path.dirname(small_saved_model)) if ".partial-" in n]
 
 

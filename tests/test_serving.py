@@ -34,8 +34,8 @@ from serving.batching import Batcher
 from serving.cli import add_query_arguments, query_main
 from serving.client import RecommenderClient
 from serving.errors import RequestError, invalid_argument
-from serving.grpc_api import encode_tensor
 from serving.server import ModelServer, ServerConfig
+from serving.tensors import encode_tensor
 from tests.conftest import write_movielens
 
 MODEL = "mtrec"
@@ -44,13 +44,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def build_export(root: str) -> dict[str, str]:
-    """Ingest, preprocess (Beam), train 2 epochs and export version 1 with the pipeline's code."""
+    """Ingest, preprocess (Beam), train 2 epochs: training's SavedModel is version 1."""
     from components.config import DEFAULT_TRAINING, PreprocessingConfig
     from components.ingestion import run_ingestion
-    from components.model import SeenMovies
     from components.preprocessing import run_preprocessing
-    from components.saved_model import export_saved_model
-    from components.training import train_model
+    from components.training import run_training
 
     paths = {
         name: os.path.join(root, name)
@@ -59,12 +57,10 @@ def build_export(root: str) -> dict[str, str]:
     write_movielens(paths["raw"], users=USERS, movies=MOVIES, per_user=25)
     run_ingestion(paths["raw"], paths["ratings"], paths["movies"])
     run_preprocessing(paths["ratings"], paths["examples"], PreprocessingConfig())
-    model, _ = train_model(paths["examples"], DEFAULT_TRAINING.replace(epochs=2, batch_size=256))
-    ratings = np.loadtxt(
-        os.path.join(paths["ratings"], F.RATINGS_FILE), dtype=np.int64, usecols=(0, 1)
+    paths["version_1"] = os.path.join(paths["serving"], MODEL, "1")
+    run_training(
+        paths["examples"], paths["version_1"], DEFAULT_TRAINING.replace(epochs=2, batch_size=256)
     )
-    seen = SeenMovies(ratings[:, 0], ratings[:, 1], model.num_users)
-    paths["version_1"] = export_saved_model(model, seen, paths["serving"], MODEL)
     return paths
 
 
@@ -191,7 +187,8 @@ def test_client_recommend_retrieve_rank(client, saved_model):
 
 def test_metadata_lists_the_signatures(client):
     metadata = client.metadata()
-    assert set(metadata) == {"serving_default", "retrieve_excluding", "rank"}
+    assert set(metadata) == {"serving_default", "retrieve_excluding", "rank", "retrieve_k"}
+    assert metadata["retrieve_k"].inputs == {"user_id": ("int32", [-1]), "k": ("int32", [])}
     assert metadata["rank"].inputs == {"user_id": ("int32", [-1]), "movie_id": ("int32", [-1])}
     assert metadata["serving_default"].outputs["movie_ids"] == ("int32", [-1, 10])
 
@@ -419,6 +416,7 @@ def test_rest_api(server, saved_model):
         "serving_default",
         "retrieve_excluding",
         "rank",
+        "retrieve_k",
     }
     assert rest(server, "/v1/models/other:predict", {"instances": [1]})[0] == 404
     status, reply = rest(server, f"/v1/models/{MODEL}:predict", {"instances": [1.5]})
@@ -537,13 +535,13 @@ def test_recommend_by_rating_reorders_the_same_movies(client):
 
 
 def test_query_errors_are_one_line(server, export):
-    with pytest.raises(MtrecError) as caught:
+    with pytest.raises(MtrecError) as unreachable:
         query_main(parse_query("--target", "127.0.0.1:1", "--user-id", "5", "--timeout", "3"))
-    assert "cannot reach the model server at 127.0.0.1:1" in str(caught.value)
-    with pytest.raises(MtrecError) as caught:
+    assert "cannot reach the model server at 127.0.0.1:1" in str(unreachable.value)
+    with pytest.raises(MtrecError) as refused:
         query_main(parse_query("--target", f"127.0.0.1:{server.port}", "--user-id", "9999"))
-    assert "INVALID_ARGUMENT: unknown user_id" in str(caught.value)
-    for error in (caught.value,):
+    assert "INVALID_ARGUMENT: unknown user_id" in str(refused.value)
+    for error in (unreachable.value, refused.value):
         assert "\n" not in str(error)
     with pytest.raises(MtrecError, match="not found"):
         query_main(

@@ -1,0 +1,344 @@
+"""One loaded SavedModel version and its signatures, adapted to requests: inputs checked against
+the signature and the server's limits, calls merged by the batcher, TF errors made readable,
+and the version warmed up (TF Serving's warmup file when the export has one) before it serves.
+"""
+
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+from tensorflow_serving.apis import prediction_log_pb2
+
+from components import features as F
+from components.layout import METADATA_DIR, SAVED_MODEL_FILE, WARMUP_FILE
+from serving.batching import Batcher
+from serving.errors import RequestError, invalid_argument
+from serving.tensors import InputSpec, decode_tensor, dtype_name
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIGNATURE = F.SIGNATURE_RETRIEVE  # "serving_default"
+INIT_OP_SIGNATURE = "__saved_model_init_op"  # in the signature map, but not callable
+MAX_WARMUP_RECORDS = 1000  # TF Serving's limit
+_ASSERTION = re.compile(r"assertion failed: \[(?P<message>[^\]]*)\](?P<rest>.*)", re.DOTALL)
+_ASSERTED_VALUE = re.compile(r"\[x \((?P<tensor>[\w/]+):\d+\) = \] \[(?P<values>[^\]]*)\]")
+_NOISE = ("Graph execution error", "Detected at node", "<stack traces unavailable>")
+_STATUS_BY_VALUE = {status.value[0]: status for status in grpc.StatusCode}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request size limits (ServerConfig's) and the batch-size observer for metrics."""
+
+    max_batch_size: int = 4096
+    max_dim_size: int = 4096
+    batching: bool = False
+    on_batch: Callable[[int], None] | None = None
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def describe_tf_error(error: tf.errors.OpError, input_names: Iterable[str] = ()) -> str:
+    """One line from a TF runtime error: the assertion's own message (plus the offending values
+    when they come from an input), else the first line that is not executor boilerplate."""
+    text = error.message or str(error)
+    match = _ASSERTION.search(text)
+    if match:
+        message = match["message"].strip()
+        value = _ASSERTED_VALUE.search(match["rest"])
+        if value and value["tensor"] in set(input_names):
+            message += f" (got {value['values'].strip()})"
+        return message
+    for line in text.splitlines():
+        line = line.split("\t [[", 1)[0].split(" [[", 1)[0].strip()
+        if line and not line.startswith(_NOISE):
+            return line
+    return type(error).__name__
+
+
+def _status(error: tf.errors.OpError) -> grpc.StatusCode:
+    """TF's error codes are gRPC's; a kernel failing on a request's values is the request's
+    fault, never INTERNAL."""
+    status = _STATUS_BY_VALUE.get(error.error_code, grpc.StatusCode.INVALID_ARGUMENT)
+    if status in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return status
+
+
+class Signature:
+    """One callable signature of a loaded version, with what validation needs looked up once
+    (an InputSpec per input), so a request costs dictionary look-ups, not introspection."""
+
+    def __init__(
+        self,
+        name: str,
+        function,
+        signature_def: meta_graph_pb2.SignatureDef | None,
+        limits: Limits = DEFAULT_LIMITS,
+    ):
+        self.name = name
+        self.function = function
+        self.signature_def = signature_def
+        self.limits = limits
+        _, specs = function.structured_input_signature
+        shapes = {n: tuple(s.shape.as_list()) for n, s in specs.items()}
+        # Batched: every non-scalar input has a free first dimension, and their sizes must
+        # agree (a mismatch would silently broadcast inside the model). Scalar inputs (`k`)
+        # are per request.
+        arrays = [shape for shape in shapes.values() if len(shape) >= 1]
+        self.batched = bool(arrays) and all(shape[0] is None for shape in arrays)
+        self.inputs: dict[str, InputSpec] = {
+            n: InputSpec(
+                name,
+                n,
+                s.dtype.as_datatype_enum,
+                np.dtype(s.dtype.as_numpy_dtype),
+                shapes[n],
+                self.batched and len(shapes[n]) >= 1,
+            )
+            for n, s in specs.items()
+        }
+        self.input_names = frozenset(self.inputs)
+        self.output_names = tuple(function.structured_outputs)
+        self._flat = None  # set by use_flat_call
+        self._flat_inputs: tuple[str, ...] = ()
+        self._flat_outputs: tuple[str, ...] = ()
+        self._captures: tuple = ()
+        mergeable = self.batched and len(arrays) == len(shapes)
+        self._batcher = (
+            Batcher(self.call, limits.max_batch_size, limits.on_batch)
+            if limits.batching and mergeable
+            else None
+        )
+
+    def _unknown_inputs(self, names: Iterable[str]) -> RequestError:
+        return invalid_argument(
+            f"signature {self.name!r} has no input named {', '.join(map(repr, sorted(names)))}; "
+            f"its inputs are {', '.join(sorted(self.inputs))}"
+        )
+
+    def _check_names(self, names) -> None:
+        if names != self.input_names:
+            missing = self.input_names - names
+            if missing:
+                raise invalid_argument(
+                    f"signature {self.name!r} needs input {', '.join(sorted(missing))} "
+                    f"(its inputs are {', '.join(sorted(self.inputs))})"
+                )
+            raise self._unknown_inputs(names - self.input_names)
+
+    def decode(self, protos: Mapping) -> dict[str, np.ndarray]:
+        """TensorProtos (a Predict request's inputs) -> arrays, every size checked first."""
+        for name in protos:
+            if name not in self.inputs:
+                raise self._unknown_inputs([name])
+        self._check_names(protos.keys())
+        limits = self.limits
+        arrays = {
+            name: decode_tensor(
+                proto, self.inputs[name], limits.max_batch_size, limits.max_dim_size
+            )
+            for name, proto in protos.items()
+        }
+        self._check_batch(arrays)
+        return arrays
+
+    def validate(self, arrays: dict[str, np.ndarray]) -> None:
+        """Arrays built elsewhere (REST's JSON): names, dtypes, shapes, limits, batch sizes."""
+        self._check_names(arrays.keys())
+        limits = self.limits
+        for name, array in arrays.items():
+            spec = self.inputs[name]
+            if array.dtype != spec.numpy_dtype:
+                raise invalid_argument(
+                    f"{spec.where()} must be {dtype_name(spec.dtype_enum)}, got {array.dtype.name}"
+                )
+            spec.check_shape(array.shape, limits.max_batch_size, limits.max_dim_size)
+        self._check_batch(arrays)
+
+    def _check_batch(self, arrays: dict[str, np.ndarray]) -> None:
+        if not self.batched:
+            return
+        first = None
+        for name, array in arrays.items():
+            if array.ndim == 0:
+                continue
+            if first is None:
+                first = (name, array.shape[0])
+            elif array.shape[0] != first[1]:
+                raise invalid_argument(
+                    f"inputs of signature {self.name!r} must have the same batch size (first "
+                    f"dimension): {first[0]} has {first[1]}, {name} has {array.shape[0]}"
+                )
+
+    def run(
+        self, arrays: dict[str, np.ndarray], output_filter: Iterable[str] = ()
+    ) -> dict[str, np.ndarray]:
+        """Call checked arrays (merged with concurrent requests when batching is on)."""
+        wanted = self.output_names
+        if output_filter:
+            wanted = tuple(output_filter)
+            unknown = [n for n in wanted if n not in self.output_names]
+            if unknown:
+                raise invalid_argument(
+                    f"output_filter names {', '.join(unknown)}, not outputs of signature "
+                    f"{self.name!r} ({', '.join(self.output_names)})"
+                )
+        if self._batcher is not None:
+            outputs = self._batcher.run(arrays)
+        else:
+            if self.limits.on_batch is not None and self.batched:
+                self.limits.on_batch(next(a for a in arrays.values() if a.ndim).shape[0])
+            outputs = self.call(arrays)
+        return {n: outputs[n] for n in wanted}
+
+    def call(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The signature called with the checked arrays; TF errors become RequestErrors."""
+        try:
+            if self._flat is not None:
+                flat = self._flat(
+                    *[tf.constant(arrays[n]) for n in self._flat_inputs], *self._captures
+                )
+                return {n: t.numpy() for n, t in zip(self._flat_outputs, flat, strict=True)}
+            outputs = self.function(**{n: tf.constant(a) for n, a in arrays.items()})
+        except tf.errors.OpError as error:
+            raise RequestError(_status(error), describe_tf_error(error, self.inputs)) from None
+        return {n: t.numpy() for n, t in outputs.items()}
+
+    def use_flat_call(self, sample: dict[str, np.ndarray]) -> bool:
+        """Call the signature's graph function directly, skipping TF's per-call argument
+        binding and casting (~0.1 ms of a ~0.25 ms call; the inputs are already checked).
+        It uses TF internals, so it is kept only when it answers `sample` exactly as the public
+        call does; otherwise (another TF version) the public call stays."""
+        try:
+            flat = self.function._inference_function.call_flat
+            captures = tuple(self.function.captured_inputs)
+            names = tuple(sorted(self.inputs))  # kwargs flatten in key order
+            outputs = tuple(sorted(self.output_names))
+            public = {n: t.numpy() for n, t in self.function(**sample).items()}
+            got = flat(*[tf.constant(sample[n]) for n in names], *captures)
+            same = len(got) == len(outputs) and all(
+                np.array_equal(public[n], t.numpy(), equal_nan=True)
+                and public[n].dtype == t.numpy().dtype
+                for n, t in zip(outputs, got, strict=False)
+            )
+        except Exception as error:  # any failure (or a refused sample) keeps the public call
+            log.info("signature %s: public call path kept (%s)", self.name, error)
+            return False
+        if same:
+            self._flat, self._flat_inputs, self._flat_outputs = flat, names, outputs
+            self._captures = captures
+        return same
+
+    def sample(self) -> dict[str, np.ndarray]:
+        """A valid-looking request: free dimensions 1, ids and scalars 1."""
+        arrays = {}
+        for name, spec in self.inputs.items():
+            dims = [1 if dim is None else dim for dim in spec.shape]
+            dtype = spec.numpy_dtype
+            arrays[name] = np.full(dims, b"" if dtype.kind in "SOU" else 1, dtype=dtype)
+        return arrays
+
+    def warm_up(self) -> None:
+        """One call with `sample()`: the first call of a signature traces and initialises
+        kernels, and must not land on a client."""
+        self.run(self.sample())
+
+
+def read_signature_defs(path: str) -> dict[str, meta_graph_pb2.SignatureDef]:
+    """The SignatureDefs of the serving MetaGraph, as TF Serving reports them in metadata."""
+    saved_model = saved_model_pb2.SavedModel()
+    with open(os.path.join(path, SAVED_MODEL_FILE), "rb") as handle:
+        saved_model.ParseFromString(handle.read())
+    for meta_graph in saved_model.meta_graphs:
+        if "serve" in meta_graph.meta_info_def.tags or len(saved_model.meta_graphs) == 1:
+            return {
+                name: sig
+                for name, sig in meta_graph.signature_def.items()
+                if name != INIT_OP_SIGNATURE
+            }
+    return {}
+
+
+def warmup_path(version_dir: str) -> str:
+    return os.path.join(version_dir, METADATA_DIR, WARMUP_FILE)
+
+
+class LoadedVersion:
+    """One version in memory: its signatures, ready to call (warmed up before it is returned)."""
+
+    def __init__(
+        self,
+        model_name: str,
+        version: int,
+        path: str,
+        limits: Limits = DEFAULT_LIMITS,
+        warm_up: bool = True,
+    ):
+        started = time.perf_counter()
+        self.model_name = model_name
+        self.version = version
+        self.path = path
+        self.signature_defs = read_signature_defs(path)
+        # Keep the loaded object alive: the signature functions hold only weak references to it.
+        self._saved_model = tf.saved_model.load(path)
+        self.signatures = {
+            name: Signature(name, function, self.signature_defs.get(name), limits)
+            for name, function in self._saved_model.signatures.items()
+            if name != INIT_OP_SIGNATURE
+        }
+        if not self.signatures:
+            raise ValueError(f"{path}: the SavedModel has no serving signatures")
+        for signature in self.signatures.values():
+            signature.use_flat_call(signature.sample())
+        self.warmup_records = 0
+        if warm_up:
+            if os.path.isfile(warmup_path(path)):
+                self.warmup_records = self._replay_warmup(warmup_path(path))
+            else:
+                self._warm_up_each_signature()
+        self.load_seconds = time.perf_counter() - started
+
+    def _warm_up_each_signature(self) -> None:
+        for signature in self.signatures.values():
+            try:
+                signature.warm_up()
+            except RequestError as error:
+                raise ValueError(
+                    f"warm-up call of signature {signature.name!r} failed: {error.message}"
+                ) from None
+
+    def _replay_warmup(self, path: str) -> int:
+        """TF Serving's warmup: each PredictionLog's request, in order (at most 1000); any
+        failure fails the load, as there."""
+        count = 0
+        for record in tf.data.TFRecordDataset(path).take(MAX_WARMUP_RECORDS):
+            entry = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+            kind = entry.WhichOneof("log_type")
+            if kind != "predict_log":
+                raise ValueError(f"{path}: record {count} is a {kind}; only predict_log is served")
+            request = entry.predict_log.request
+            try:
+                signature = self.signature(request.model_spec.signature_name)
+                signature.run(signature.decode(request.inputs), request.output_filter)
+            except RequestError as error:
+                raise ValueError(f"{path}: warmup record {count} failed: {error.message}") from None
+            count += 1
+        return count
+
+    def signature(self, name: str) -> Signature:
+        found = self.signatures.get(name or DEFAULT_SIGNATURE)
+        if found is None:
+            raise invalid_argument(
+                f"signature {name!r} not found in model {self.model_name!r} version {self.version}; "
+                f"it has {', '.join(sorted(self.signatures))}"
+            )
+        return found
