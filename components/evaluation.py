@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -239,6 +240,7 @@ def run_evaluation(
 ) -> EvaluationResult:
     """Evaluate a trained SavedModel; compare with the latest pushed version when there is one
     (local, s3:// or gs://)."""
+    started = time.perf_counter()
     previous = latest_version_path(serving_model_dir, model_name) if serving_model_dir else None
     result = evaluate(model_dir, examples_dir, config, previous)
     info = read_metadata(model_dir)
@@ -254,7 +256,11 @@ def run_evaluation(
             f"validation {stats['validation_fraction']} of the rest)",
         },
         "configuration": {"training": info.get("training_config", {}), "gates": config.to_dict()},
-        "timings": {"training (s)": info.get("train_seconds")},
+        "timings": {
+            "preprocessing (s)": stats.get("seconds"),
+            "training (s)": info.get("train_seconds"),
+            "evaluation (s)": round(time.perf_counter() - started, 2),
+        },
     }
     write_evaluation(result, out_dir, context)
     verdict = "BLESSED" if result.blessed else "NOT BLESSED"

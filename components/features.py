@@ -33,7 +33,6 @@ HISTORY_FILE = "history.json"  # training output: per-epoch train and validation
 METRICS_FILE = "metrics.json"  # evaluation output: model, baselines and previous model
 BLESSING_FILE = "blessing.json"  # evaluation output: gates and verdict
 INFRA_BLESSING_FILE = "infra_blessing.json"  # infra-validation output: checks and verdict
-TIMING_FILE = "timing.json"  # every stage: its wall time, for the report
 
 # The model's name in TF Serving's layout (<base>/<name>/<version>/) unless the user names it.
 DEFAULT_MODEL_NAME = "mtrec"

@@ -16,6 +16,7 @@ options pass straight through.
 import json
 import logging
 import os
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -435,6 +436,7 @@ def run_preprocessing(
     if not os.path.isfile(ratings_path):
         raise DataError(f"{ratings_path}: not found (expected an ingestion output)")
     options = PipelineOptions([f"--runner={config.runner}", *(beam_args or [])])
+    started = time.perf_counter()
     kept = os.path.join(out_dir, F.REJECTED_DIR)
     rejected = f"{os.path.abspath(out_dir)}{PARTIAL_SUFFIX}{F.REJECTED_DIR}"
     try:
@@ -449,6 +451,9 @@ def run_preprocessing(
                     _ingested_rows(ratings_dir),
                 )
             stats = load_stats(staging)
+            stats["seconds"] = round(time.perf_counter() - started, 2)
+            with open(os.path.join(staging, F.STATS_FILE), "w", encoding="utf-8") as handle:
+                json.dump(stats, handle, indent=2, sort_keys=True)
             if stats["invalid_share"] > config.max_invalid_share:
                 os.makedirs(rejected)
                 for name in os.listdir(staging):
