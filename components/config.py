@@ -83,7 +83,11 @@ class _Section:
 class PreprocessingConfig(_Section):
     """Beam preprocessing: split and bad-row policy."""
 
+    # random: a seeded hash split with exact counts; temporal: the newest test_fraction of all
+    # rows (a global time cut); last-k: each user's last_k newest ratings.
+    split: str = "random"
     test_fraction: float = 0.2  # the seed's 80,000 / 20,000 on ML-100k (exact counts)
+    last_k: int = 1
     # Carved from the rest (train): curves, early stopping and tuning never read the test split.
     validation_fraction: float = 0.1
     split_seed: int = 42
@@ -93,6 +97,10 @@ class PreprocessingConfig(_Section):
     def validate(self) -> None:
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if self.split not in ("random", "temporal", "last-k"):
+            raise ConfigError(f"split must be random, temporal or last-k, got {self.split!r}")
+        if self.last_k < 1:
+            raise ConfigError(f"last_k must be >= 1, got {self.last_k}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ConfigError(
                 f"validation_fraction must be in [0, 1), got {self.validation_fraction}"

@@ -252,8 +252,7 @@ def run_evaluation(
             "users": stats["users"],
             "movies": stats["movies"],
             "dead letters": stats["invalid_rows"],
-            "split": f"random (seed {stats['split_seed']}, test {stats['test_fraction']}, "
-            f"validation {stats['validation_fraction']} of the rest)",
+            "split": split_description(stats),
         },
         "configuration": {"training": info.get("training_config", {}), "gates": config.to_dict()},
         "timings": {
@@ -275,6 +274,18 @@ def run_evaluation(
             gate.threshold,
         )
     return result
+
+
+def split_description(stats: dict[str, Any]) -> str:
+    """How the data was split, for the report (stats.json's settings)."""
+    mode = stats.get("split", "random")
+    validation = f"validation {stats['validation_fraction']} of the rest"
+    if mode == "last-k":
+        return f"last-k: each user's {stats['last_k']} newest ratings; {validation}"
+    test = f"test {stats['test_fraction']}"
+    if mode == "temporal":
+        return f"temporal: the newest rows ({test}); {validation}, the next newest"
+    return f"random (seed {stats['split_seed']}, {test}, {validation})"
 
 
 def read_blessing(blessing_dir: str) -> dict[str, Any]:

@@ -40,6 +40,9 @@ KEY_BITS = 64
 DEAD_LETTER_TAG = "dead_letter"
 MAX_REPORTED_PROBLEMS = 20
 _COLUMNS = ("users", "movies", "stars", "timestamps", "keys")
+RECENCY_HASH_BITS = 22
+SPLIT_RANDOM, SPLIT_TEMPORAL, SPLIT_LAST_K = "random", "temporal", "last-k"
+SPLIT_MODES = (SPLIT_RANDOM, SPLIT_TEMPORAL, SPLIT_LAST_K)
 
 
 # --- pure helpers ---
@@ -61,6 +64,13 @@ def split_keys(
         for column in (users, movies, timestamps):
             key = _mix(key ^ np.asarray(column).astype(np.int64).view(np.uint64))
     return key
+
+
+def recency_keys(timestamps: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Keys that order rows by time (ties broken by the seeded hash): timestamps up to 2**42
+    (seconds or milliseconds since 1970) in the high bits, 22 bits of hash below."""
+    times = np.clip(np.asarray(timestamps, dtype=np.int64), 0, (1 << 42) - 1).astype(np.uint64)
+    return (times << np.uint64(RECENCY_HASH_BITS)) | (keys >> np.uint64(64 - RECENCY_HASH_BITS))
 
 
 def find_cuts(histogram: np.ndarray, counts: list[int]) -> list[tuple[int, int]]:
@@ -141,9 +151,10 @@ def read_chunks(
 class _ParseChunkFn(beam.DoFn):
     """A chunk of lines -> one dict of numpy columns (valid rows) + dead letters (BadRow)."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, split: str = SPLIT_RANDOM):
         super().__init__()
         self._seed = seed
+        self._split = split
 
     def process(self, element: tuple[str, list[tuple[int, str]]]) -> Iterable[Any]:
         source, lines = element
@@ -167,18 +178,23 @@ class _ParseChunkFn(beam.DoFn):
             chunk["keys"] = split_keys(
                 chunk["users"], chunk["movies"], chunk["timestamps"], self._seed
             )
+            if self._split != SPLIT_RANDOM:
+                chunk["recency"] = recency_keys(chunk["timestamps"], chunk["keys"])
+            if self._split == SPLIT_TEMPORAL:  # the newest rows get the smallest keys
+                chunk["keys"] = ~chunk["recency"]
             yield chunk
 
 
 class ParseRatings(beam.PTransform):
     """(source, [(line number, line)]) chunks -> column chunks, plus a `dead_letter` output."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, split: str = SPLIT_RANDOM):
         super().__init__()
         self._seed = seed
+        self._split = split
 
     def expand(self, chunks):
-        outputs = chunks | "Parse" >> beam.ParDo(_ParseChunkFn(self._seed)).with_outputs(
+        outputs = chunks | "Parse" >> beam.ParDo(_ParseChunkFn(self._seed, self._split)).with_outputs(
             DEAD_LETTER_TAG, main="ratings"
         )
         return {"ratings": outputs.ratings, DEAD_LETTER_TAG: outputs[DEAD_LETTER_TAG]}
@@ -277,6 +293,69 @@ class SplitRatings(beam.PTransform):
         return {name: split[name] for name in SPLIT_ORDER}
 
 
+class _TopKeysFn(beam.CombineFn):
+    """The k largest recency keys (one user's k newest ratings)."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self._k = k
+
+    def create_accumulator(self) -> np.ndarray:
+        return np.zeros(0, dtype=np.uint64)
+
+    def add_input(self, acc: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        return np.sort(np.concatenate([acc, keys]))[-self._k :]
+
+    def merge_accumulators(self, accs: Iterable[np.ndarray]) -> np.ndarray:
+        return np.sort(np.concatenate(list(accs)))[-self._k :]
+
+    def extract_output(self, acc: np.ndarray) -> np.ndarray:
+        return acc
+
+
+def newest_per_user(chunk: dict[str, np.ndarray], k: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(user, up to k newest recency keys of that user in this chunk)."""
+    order = np.lexsort((chunk["recency"], chunk["users"]))
+    users, recency = chunk["users"][order], chunk["recency"][order]
+    ends = np.r_[np.flatnonzero(users[1:] != users[:-1]), len(users) - 1] + 1
+    starts = np.r_[0, ends[:-1]]
+    for start, end in zip(starts, ends, strict=True):
+        yield int(users[start]), recency[max(start, end - k) : end]
+
+
+class LastKSplit(beam.PTransform):
+    """Column chunks -> {split: chunk}: each user's k newest ratings are the test split; the
+    validation split is a seeded `validation_fraction` of the rest (by hash, not exact)."""
+
+    def __init__(self, k: int, validation_fraction: float):
+        super().__init__()
+        self._k = k
+        self._validation = validation_fraction
+
+    def expand(self, chunks):
+        k, fraction = self._k, self._validation
+        thresholds = (
+            chunks
+            | "NewestPerUser" >> beam.FlatMap(newest_per_user, k)
+            | "TopKPerUser" >> beam.CombinePerKey(_TopKeysFn(k))
+            | "KthNewest" >> beam.MapTuple(lambda user, keys: (user, keys.min()))
+        )
+        cut = np.uint64(min(int(fraction * 2.0**64), 2**64 - 1))
+
+        def split_chunk(chunk, thresholds):
+            limits = np.array([thresholds[int(u)] for u in chunk["users"]], dtype=np.uint64)
+            codes = np.where(chunk["recency"] >= limits, 0, np.where(chunk["keys"] < cut, 1, 2))
+            for code, name in enumerate(SPLIT_ORDER):
+                rows = np.flatnonzero(codes == code)
+                if rows.size:
+                    yield beam.pvalue.TaggedOutput(name, {c: chunk[c][rows] for c in _COLUMNS})
+
+        split = chunks | "Assign" >> beam.FlatMap(
+            split_chunk, beam.pvalue.AsDict(thresholds)
+        ).with_outputs(*SPLIT_ORDER)
+        return {name: split[name] for name in SPLIT_ORDER}
+
+
 class _IdStatsFn(beam.CombineFn):
     """Distinct users/movies and the largest ids: memory bounded by the vocabularies."""
 
@@ -342,9 +421,14 @@ def build_pipeline(
         | "Paths" >> beam.Create(ratings_paths)
         | "ReadChunks" >> beam.FlatMap(lambda path: read_chunks(path, names.get(path, path)))
     )
-    parsed = chunks | "ParseRatings" >> ParseRatings(config.split_seed)
+    parsed = chunks | "ParseRatings" >> ParseRatings(config.split_seed, config.split)
     ratings, dead = parsed["ratings"], parsed[DEAD_LETTER_TAG]
-    splits = ratings | "Split" >> SplitRatings(config.test_fraction, config.validation_fraction)
+    if config.split == SPLIT_LAST_K:
+        splits = ratings | "Split" >> LastKSplit(config.last_k, config.validation_fraction)
+    else:
+        splits = ratings | "Split" >> SplitRatings(
+            config.test_fraction, config.validation_fraction
+        )
 
     counts = {}
     for name, split in splits.items():
@@ -380,8 +464,10 @@ def build_pipeline(
                 "rows": {F.TRAIN_SPLIT: train, F.VALIDATION_SPLIT: validation, F.TEST_SPLIT: test},
                 "invalid_rows": invalid,
                 "invalid_share": invalid / rows if rows else 0.0,
+                "split": config.split,
                 "test_fraction": config.test_fraction,
                 "validation_fraction": config.validation_fraction,
+                "last_k": config.last_k,
                 "split_seed": config.split_seed,
             }
         )

@@ -211,5 +211,39 @@ def test_a_failed_rerun_removes_the_previous_outputs(tmp_path):
     assert not [n for n in os.listdir(tmp_path) if ".partial-" in n]
 
 
+def _read_split(out, split):
+    from components.examples import load_columns
+
+    columns = load_columns(str(out), split)
+    return sorted(zip(columns[F.USER_ID].tolist(), columns[F.TIMESTAMP].tolist(), strict=True))
+
+
+def test_temporal_split_holds_out_the_newest_rows(tmp_path):
+    lines = "".join(f"{1 + i % 3}\t{1 + i}\t4\t{1000 + (i * 7) % 20}\n" for i in range(20))
+    ratings = _ratings_dir(tmp_path, lines)
+    out = tmp_path / "examples"
+    stats = run_preprocessing(
+        ratings, str(out), PreprocessingConfig(split="temporal", test_fraction=0.25, validation_fraction=0.2)
+    )
+    assert stats["rows"] == {"test": 5, "validation": 3, "train": 12} and stats["split"] == "temporal"
+    newest = [t for _, t in _read_split(out, F.TEST_SPLIT)]
+    middle = [t for _, t in _read_split(out, F.VALIDATION_SPLIT)]
+    oldest = [t for _, t in _read_split(out, F.TRAIN_SPLIT)]
+    assert min(newest) > max(middle) and min(middle) > max(oldest)
+
+
+def test_last_k_split_holds_out_each_users_newest(tmp_path):
+    lines = "".join(f"{1 + i % 4}\t{1 + i}\t4\t{2000 - i}\n" for i in range(24))
+    ratings = _ratings_dir(tmp_path, lines)
+    out = tmp_path / "examples"
+    run_preprocessing(
+        ratings, str(out), PreprocessingConfig(split="last-k", last_k=2, validation_fraction=0.0)
+    )
+    test = _read_split(out, F.TEST_SPLIT)
+    # User u rated at 2000 - i for i = u-1, u+3, ...: the two newest are i = u-1 and u+3.
+    assert test == sorted((u, 2000 - i) for u in range(1, 5) for i in (u - 1, u + 3))
+    assert len(_read_split(out, F.TRAIN_SPLIT)) == 16
+
+
 def test_bad_row_describe():
     assert BadRow("f", 3, "why", "text").describe() == "f, line 3: why: 'text'"
