@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -69,8 +69,10 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(model_dir: str, model_name: str, workdir: str) -> Iterator[str]:
-    """`mtrec serve` over a copy of the candidate, on a free loopback port; yields its target."""
+def started_server(model_dir: str, model_name: str, workdir: str) -> Iterator[Callable[[], str]]:
+    """`mtrec serve` over a copy of the candidate, on a free loopback port, started now (its
+    start-up overlaps the caller's work); yields a function that waits until it is SERVING and
+    returns its target."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -86,7 +88,8 @@ def running_server(model_dir: str, model_name: str, workdir: str) -> Iterator[st
     with open(log_path, "w", encoding="utf-8") as server_log:
         process = subprocess.Popen(command, stdout=server_log, stderr=subprocess.STDOUT)
     target = f"127.0.0.1:{port}"
-    try:
+
+    def wait_until_serving() -> str:
         deadline = time.monotonic() + SERVER_START_SECONDS
         with grpc.insecure_channel(target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
@@ -104,7 +107,10 @@ def running_server(model_dir: str, model_name: str, workdir: str) -> Iterator[st
                         + _tail(log_path)
                     )
                 time.sleep(0.1)
-        yield target
+        return target
+
+    try:
+        yield wait_until_serving
     finally:
         process.terminate()
         try:
@@ -159,18 +165,18 @@ def infra_validate(model_dir: str, model_name: str = F.DEFAULT_MODEL_NAME) -> di
     for request in requests:
         request.model_spec.name = model_name
     started = time.perf_counter()
-    try:
-        session_outputs = run_as_tf_serving(model_dir, requests)
-    except GateError:
-        raise
-    except Exception as err:  # whatever TF raises while loading or running: the candidate fails
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise GateError(f"the SavedModel fails as TF Serving loads it: {first}") from None
     with (
         tempfile.TemporaryDirectory(prefix="mtrec-infra-") as workdir,
-        running_server(model_dir, model_name, workdir) as target,
+        started_server(model_dir, model_name, workdir) as wait_until_serving,
     ):
-        served = run_over_grpc(target, requests)
+        try:
+            session_outputs = run_as_tf_serving(model_dir, requests)
+        except GateError:
+            raise
+        except Exception as err:  # whatever TF raises loading or running: the candidate fails
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise GateError(f"the SavedModel fails as TF Serving loads it: {first}") from None
+        served = run_over_grpc(wait_until_serving(), requests)
     checks = []
     for request, expected, got in zip(requests, session_outputs, served, strict=True):
         _compare(request.model_spec.signature_name, expected, got)
