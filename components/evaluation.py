@@ -34,7 +34,6 @@ from components.saved_model import ServedModel, read_history, read_metadata
 log = logging.getLogger(__name__)
 
 K = 10
-STARS_PER_UNIT = F.MAX_STARS - F.MIN_STARS
 
 # Published / re-measured figures of the seed notebook's joint model on its split (ML-100k).
 SEED_REFERENCE = {"system": "seed notebook (published)", "seed_hit@10": 0.022, "rmse": 0.25}
@@ -48,11 +47,13 @@ class Split:
     movies: np.ndarray
     ratings: np.ndarray
     stars: np.ndarray
+    stars_per_unit: float = F.DEFAULT_STARS_RANGE[1] - F.DEFAULT_STARS_RANGE[0]
 
     @classmethod
     def load(cls, examples_dir: str, split: str) -> "Split":
         c = load_columns(examples_dir, split)
-        return cls(c[F.USER_ID], c[F.MOVIE_ID], c[F.RATING], c[F.STARS])
+        low, high = load_stats(examples_dir).get("stars_range", F.DEFAULT_STARS_RANGE)
+        return cls(c[F.USER_ID], c[F.MOVIE_ID], c[F.RATING], c[F.STARS], high - low)
 
     def movies_by_user(self) -> dict[int, np.ndarray]:
         order = np.argsort(self.users, kind="stable")
@@ -114,8 +115,9 @@ def topk_metrics(top_ids: np.ndarray, test: Split, k: int = K) -> dict[str, floa
 
 
 def rating_metrics(predicted: np.ndarray, test: Split) -> dict[str, float]:
+    """RMSE normalised and in stars (of the data set's own scale)."""
     error = M.rmse(predicted, test.ratings)
-    return {"rmse": error, "rmse_stars": error * STARS_PER_UNIT}
+    return {"rmse": error, "rmse_stars": error * test.stars_per_unit}
 
 
 def score_served_model(

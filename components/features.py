@@ -10,8 +10,9 @@ RATING = "rating"  # normalised to [0, 1]: (stars - 1) / 4
 STARS = "stars"  # the raw 1..5 rating
 TIMESTAMP = "timestamp"
 
-MIN_STARS = 1
-MAX_STARS = 5
+# The seed's scale (ML-100k: 1..5 stars). Data sets bring their own: ingestion finds the range
+# in the data, preprocessing normalises by it, and the model's `stars` outputs undo it.
+DEFAULT_STARS_RANGE = (1.0, 5.0)
 
 # Movie id 0 is the padding row of the embedding table: never a movie.
 PADDING_ID = 0
@@ -51,11 +52,14 @@ OUT_RATING = "rating"
 OUT_STARS = "stars"
 
 
-def normalise_stars(stars: float) -> float:
-    """Map a 1..5 star rating to [0, 1], as the seed does."""
-    return (stars - MIN_STARS) / (MAX_STARS - MIN_STARS)
+def normalise_stars(stars: float, stars_range: tuple[float, float] = DEFAULT_STARS_RANGE) -> float:
+    """Map a star rating to [0, 1] over the data set's range (1..5 stars -> (s - 1) / 4, as the
+    seed does)."""
+    low, high = stars_range
+    return (stars - low) / (high - low)
 
 
-def denormalise_rating(rating):
+def denormalise_rating(rating, stars_range: tuple[float, float] = DEFAULT_STARS_RANGE):
     """Inverse of `normalise_stars` (works on floats and arrays)."""
-    return rating * (MAX_STARS - MIN_STARS) + MIN_STARS
+    low, high = stars_range
+    return rating * (high - low) + low

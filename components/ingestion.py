@@ -1,22 +1,31 @@
 """Stage 1, ingestion: bring MovieLens into the pipeline as two artifacts, schema-checked.
 
-Sources: a raw `ml-100k` folder (`u.data`, `u.item`) or tensorflow-datasets
-(`movielens/100k-ratings`, `movielens/100k-movies`). Either way the output is the same:
-`ratings.tsv` in u.data's format (user \\t movie \\t stars \\t timestamp, line numbers preserved
-from the source so later errors point at the original line) and `movies.tsv` (movie_id \\t title).
+Sources: a raw MovieLens folder, its release recognised from its files (`LAYOUTS`: ml-100k's
+`u.data`/`u.item`; ml-1m and ml-10m's `ratings.dat`/`movies.dat`; ml-20m, ml-25m and ml-latest's
+`ratings.csv`/`movies.csv`), or tensorflow-datasets (`movielens/100k-ratings`). The output is the
+same for all: `ratings.tsv`, the source's rating lines as they are (so later errors point at the
+original line), `ingestion.json` (layout, counts, the rating scale found in the data, duplicate
+(user, movie) rows and the lines the duplicate rule drops), and `movies.tsv` (movie_id \\t title).
 Files are streamed, never loaded whole.
+
+Duplicate rule: when a user rated a movie more than once, the newest rating (largest timestamp;
+on a tie, the later line) is kept and the others are dropped by preprocessing, counted.
 """
 
 import contextlib
+import csv
 import json
 import logging
 import os
 import re
 import shutil
 import socket
+from array import array
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
+
+import numpy as np
 
 from components import features as F
 from components import storage
@@ -24,10 +33,40 @@ from components.errors import DataError
 
 log = logging.getLogger(__name__)
 
-RAW_RATINGS = "u.data"
-RAW_MOVIES = "u.item"
-RAW_MOVIES_ENCODING = "latin-1"
 MAX_REPORTED_PROBLEMS = 20
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One MovieLens release format: its files, field separators and documented encodings."""
+
+    name: str
+    ratings_file: str
+    movies_file: str
+    separator: str  # between rating fields
+    movie_separator: str  # "csv" for quoted CSV titles
+    header: str  # the ratings file's first line, or "" when it has none
+    movies_encoding: str  # the documented fallback when a movies file is not UTF-8
+    stars_step: float  # 1: whole stars; 0.5: half stars
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.ratings_file}, {self.movies_file})"
+
+
+ML_100K = Layout("ml-100k", "u.data", "u.item", "\t", "|", "", "latin-1", 1.0)
+ML_DAT = Layout("ml-1m/ml-10m", "ratings.dat", "movies.dat", "::", "::", "", "latin-1", 0.5)
+ML_CSV = Layout(
+    "ml-20m/ml-25m/ml-latest",
+    "ratings.csv",
+    "movies.csv",
+    ",",
+    "csv",
+    "userId,movieId,rating,timestamp",
+    "utf-8",
+    0.5,
+)
+LAYOUTS = {layout.name: layout for layout in (ML_100K, ML_DAT, ML_CSV)}
+MIN_STARS, MAX_STARS = 0.5, 5.0  # every release's ratings lie in this range
 
 
 class Rating(NamedTuple):
@@ -50,6 +89,7 @@ class BadRow(NamedTuple):
 
 
 _DIGITS = re.compile(r"-?[0-9]+")  # what a MovieLens integer field may hold
+_NUMBER = re.compile(r"[0-9]+(\.[0-9]+)?")  # a rating: no sign, exponent, 'nan' or underscore
 
 
 def _positive_int(value: str, field: str) -> int:
@@ -62,24 +102,31 @@ def _positive_int(value: str, field: str) -> int:
     return number
 
 
-def parse_rating_line(line: str, source: str, line_number: int) -> Rating | BadRow:
-    """Parse one u.data line (tab-separated user, item, rating, timestamp)."""
+def parse_rating_line(
+    line: str, source: str, line_number: int, layout: Layout = ML_100K
+) -> Rating | BadRow:
+    """Parse one rating line of a layout (user, item, rating, timestamp)."""
     text = line.rstrip("\r\n")
-    fields = text.split("\t")
+    fields = text.split(layout.separator)
     if len(fields) != 4:
+        what = {"\t": "tab", ",": "comma"}.get(layout.separator, repr(layout.separator))
         return BadRow(
-            source, line_number, f"expected 4 tab-separated fields, got {len(fields)}", text
+            source, line_number, f"expected 4 {what}-separated fields, got {len(fields)}", text
         )
     try:
         user_id = _positive_int(fields[0], F.USER_ID)
         movie_id = _positive_int(fields[1], F.MOVIE_ID)
         try:
-            stars = float(fields[2])
+            stars = float(fields[2]) if _NUMBER.fullmatch(fields[2]) else float("nan")
         except ValueError:
-            raise ValueError(f"field {F.STARS} is not a number ({fields[2]!r})") from None
-        if not F.MIN_STARS <= stars <= F.MAX_STARS:
+            stars = float("nan")
+        if stars != stars:
+            raise ValueError(f"field {F.STARS} is not a number ({fields[2]!r})")
+        low = layout.stars_step if layout.stars_step < 1 else 1.0
+        if not low <= stars <= MAX_STARS or (stars / layout.stars_step) % 1:
+            step = "whole" if layout.stars_step == 1 else "half"
             raise ValueError(
-                f"field {F.STARS} must be in {F.MIN_STARS}..{F.MAX_STARS}, got {fields[2]}"
+                f"field {F.STARS} must be {step} stars in {low:g}..{MAX_STARS:g}, got {fields[2]}"
             )
         if not _DIGITS.fullmatch(fields[3]):
             raise ValueError(f"field {F.TIMESTAMP} is not an integer ({fields[3]!r})")
@@ -89,11 +136,17 @@ def parse_rating_line(line: str, source: str, line_number: int) -> Rating | BadR
     return Rating(user_id, movie_id, stars, timestamp)
 
 
-def parse_movie_line(line: str, source: str, line_number: int) -> tuple[int, str]:
-    """Parse one u.item line (pipe-separated id|title|...); raise DataError naming the line."""
-    fields = line.rstrip("\r\n").split("|")
+def parse_movie_line(
+    line: str, source: str, line_number: int, layout: Layout = ML_100K
+) -> tuple[int, str]:
+    """Parse one catalogue line (id, title, ...); raise DataError naming the line."""
+    text = line.rstrip("\r\n")
+    if layout.movie_separator == "csv":
+        fields = next(csv.reader([text]), [])
+    else:
+        fields = text.split(layout.movie_separator)
     if len(fields) < 2:
-        raise DataError(f"{source}, line {line_number}: expected id|title|..., got {line!r}")
+        raise DataError(f"{source}, line {line_number}: expected id, title, ..., got {line!r}")
     try:
         movie_id = _positive_int(fields[0], F.MOVIE_ID)
     except ValueError as err:
@@ -120,15 +173,32 @@ def read_numbered_lines(path: str, encoding: str = "utf-8") -> Iterator[tuple[in
                 yield number, line
 
 
-def movie_file_encoding(path: str) -> str:
-    """UTF-8 when the whole file decodes as UTF-8, else the release's documented latin-1."""
+def movie_file_encoding(path: str, layout: Layout = ML_100K) -> str:
+    """UTF-8 when the whole file decodes as UTF-8, else the release's documented encoding."""
     with open(path, "rb") as handle:
         data = handle.read()
     try:
         data.decode("utf-8")
     except UnicodeDecodeError:
-        return RAW_MOVIES_ENCODING
+        return layout.movies_encoding
     return "utf-8"
+
+
+def detect_layout(data_dir: str) -> Layout:
+    """The release whose files the folder holds (a ratings file without its catalogue, or the
+    reverse, is named as missing)."""
+    if not storage.is_remote(data_dir) and not os.path.isdir(data_dir):
+        raise DataError(f"{data_dir}: not found (expected a MovieLens folder)")
+    for layout in LAYOUTS.values():
+        files = [storage.join(data_dir, name) for name in (layout.ratings_file, layout.movies_file)]
+        present = [storage.isfile(path) for path in files]
+        if all(present):
+            return layout
+        if any(present):
+            missing = files[present.index(False)]
+            raise DataError(f"{missing}: not found (the {layout.describe()} layout needs both)")
+    expected = "; ".join(layout.describe() for layout in LAYOUTS.values())
+    raise DataError(f"{data_dir}: not a MovieLens folder (expected the files of one of: {expected})")
 
 
 @dataclass
@@ -138,9 +208,31 @@ class IngestionReport:
     invalid_rows: int
     movies: int
     problems: list[str]
+    layout: str = ML_100K.name
+    stars_range: tuple[float, float] = (1.0, 5.0)
+    duplicate_pairs: int = 0
+    superseded_lines: list[int] = field(default_factory=list)
+
+    @classmethod
+    def of(
+        cls, source: str, layout: Layout, check: "RatingsCheck", movies: int
+    ) -> "IngestionReport":
+        return cls(
+            source, check.rows, check.invalid, movies, check.problems, layout.name,
+            check.stars_range, check.duplicate_pairs, check.superseded_lines,
+        )  # fmt: skip
 
     def to_dict(self) -> dict:
-        return self.__dict__.copy()
+        return {**self.__dict__, "stars_range": list(self.stars_range)}
+
+
+def read_report(ratings_dir: str) -> dict:
+    """ingestion.json of a ratings artifact ({} when it has none: a hand-made artifact)."""
+    path = os.path.join(ratings_dir, F.INGESTION_REPORT)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
 
 
 @contextlib.contextmanager
@@ -155,62 +247,103 @@ def _outputs(ratings_dir: str, movies_dir: str) -> Iterator[str]:
         os.replace(os.path.join(ratings_tmp, F.MOVIES_FILE), os.path.join(movies_tmp, F.MOVIES_FILE))
 
 
-def check_ratings(path: str, source_name: str) -> tuple[int, int, list[str]]:
-    """Schema-check every rating row: returns (rows, invalid rows, first problems).
+@dataclass
+class RatingsCheck:
+    rows: int
+    invalid: int
+    problems: list[str]
+    stars_range: tuple[float, float]
+    duplicate_pairs: int
+    superseded_lines: list[int]  # lines the duplicate rule drops
+
+
+def check_ratings(path: str, source_name: str, layout: Layout = ML_100K) -> RatingsCheck:
+    """Schema-check every rating row; find the rating scale and the duplicate (user, movie) rows.
 
     Malformed rows are reported here and handled by preprocessing's dead-letter policy; a file
-    whose first data line is not u.data-shaped is rejected outright: it is the wrong file.
+    whose first data line does not have the layout's shape is rejected outright: it is the wrong
+    file.
     """
     rows = invalid = 0
     problems: list[str] = []
+    users, movies, times, lines = (array("q") for _ in range(4))
+    low, high = float("inf"), float("-inf")
     for number, line in read_numbered_lines(path):
-        parsed = parse_rating_line(line, source_name, number)
+        if layout.header and number == 1:
+            if line.strip() != layout.header:
+                raise DataError(
+                    f"{source_name}, line 1: expected the header {layout.header!r}, got "
+                    f"{line.strip()[:80]!r}"
+                )
+            continue
+        parsed = parse_rating_line(line, source_name, number, layout)
         rows += 1
         if isinstance(parsed, BadRow):
             if rows == 1:
                 raise DataError(
-                    f"{parsed.describe()} -- this does not look like MovieLens u.data "
-                    "(user \\t item \\t rating \\t timestamp)"
+                    f"{parsed.describe()} -- this does not look like MovieLens {layout.name} "
+                    f"{layout.ratings_file}"
                 )
             invalid += 1
             if len(problems) < MAX_REPORTED_PROBLEMS:
                 problems.append(parsed.describe())
+            continue
+        users.append(parsed.user_id)
+        movies.append(parsed.movie_id)
+        times.append(parsed.timestamp)
+        lines.append(number)
+        low, high = min(low, parsed.stars), max(high, parsed.stars)
     if rows == 0:
         raise DataError(f"{source_name}: no rating rows")
-    return rows, invalid, problems
+    pairs, superseded = superseded_duplicates(
+        np.frombuffer(users, np.int64), np.frombuffer(movies, np.int64),
+        np.frombuffer(times, np.int64), np.frombuffer(lines, np.int64),
+    )  # fmt: skip
+    if low == high:  # one rating value: a scale of one point cannot be normalised
+        low, high = min(low, 1.0), max(high, MAX_STARS)
+    return RatingsCheck(rows, invalid, problems, (low, high), pairs, superseded)
+
+
+def superseded_duplicates(
+    users: np.ndarray, movies: np.ndarray, times: np.ndarray, lines: np.ndarray
+) -> tuple[int, list[int]]:
+    """(number of (user, movie) pairs rated more than once, the lines the rule drops): all but
+    the newest rating of each pair (largest timestamp; on a tie, the later line)."""
+    if users.size == 0:
+        return 0, []
+    order = np.lexsort((lines, times, movies, users))
+    users, movies, lines = users[order], movies[order], lines[order]
+    same_as_next = (users[:-1] == users[1:]) & (movies[:-1] == movies[1:])
+    dropped = lines[:-1][same_as_next]
+    first_of_pair = same_as_next & np.r_[True, ~same_as_next[:-1]]
+    return int(first_of_pair.sum()), sorted(dropped.tolist())
 
 
 def ingest_folder(data_dir: str, ratings_dir: str, movies_dir: str) -> IngestionReport:
-    """Ingest a raw ml-100k folder (local, s3:// or gs://): ratings.tsv + ingestion.json, and
+    """Ingest a raw MovieLens folder (local, s3:// or gs://): ratings.tsv + ingestion.json, and
     movies.tsv."""
-    ratings_source = storage.join(data_dir, RAW_RATINGS)
-    movies_source = storage.join(data_dir, RAW_MOVIES)
-    for path in (ratings_source, movies_source):
-        if not storage.isfile(path):
-            raise DataError(
-                f"{path}: not found (expected an ml-100k folder with u.data and u.item)"
-            )
+    layout = detect_layout(data_dir)
+    ratings_source = storage.join(data_dir, layout.ratings_file)
+    movies_source = storage.join(data_dir, layout.movies_file)
     with _outputs(ratings_dir, movies_dir) as tmp:
         ratings_path, movies_path = ratings_source, movies_source
         if storage.is_remote(data_dir):
             ratings_path = os.path.join(tmp, F.RATINGS_FILE)
-            movies_path = os.path.join(tmp, RAW_MOVIES)
+            movies_path = os.path.join(tmp, layout.movies_file)
             storage.download_file(ratings_source, ratings_path)
             storage.download_file(movies_source, movies_path)
-        rows, invalid, problems = check_ratings(ratings_path, ratings_source)
+        check = check_ratings(ratings_path, ratings_source, layout)
         if ratings_path != os.path.join(tmp, F.RATINGS_FILE):
             shutil.copyfile(ratings_path, os.path.join(tmp, F.RATINGS_FILE))
+        lines = read_numbered_lines(movies_path, movie_file_encoding(movies_path, layout))
+        if layout.movie_separator == "csv":
+            next(lines, None)  # movies.csv's header
         movies = _write_movies(
-            (
-                parse_movie_line(line, movies_source, number)
-                for number, line in read_numbered_lines(
-                    movies_path, movie_file_encoding(movies_path)
-                )
-            ),
+            (parse_movie_line(line, movies_source, number, layout) for number, line in lines),
             os.path.join(tmp, F.MOVIES_FILE),
             movies_source,
         )
-        report = IngestionReport(ratings_source, rows, invalid, movies, problems)
+        report = IngestionReport.of(ratings_source, layout, check, movies)
         _write_json(os.path.join(tmp, F.INGESTION_REPORT), report.to_dict())
         if storage.is_remote(data_dir):
             os.remove(movies_path)
@@ -285,13 +418,13 @@ def ingest_tfds(
                     f"{int(row['user_id'])}\t{int(row['movie_id'])}\t"
                     f"{int(round(float(row['user_rating'])))}\t{int(row['timestamp'])}\n"
                 )
-        rows, invalid, problems = check_ratings(ratings_path, source)
+        check = check_ratings(ratings_path, source)
         movie_rows = (
             (int(row["movie_id"]), row["movie_title"].decode("utf-8", "replace"))
             for row in tfds.as_numpy(movies)
         )
         count = _write_movies(movie_rows, os.path.join(tmp, F.MOVIES_FILE), f"tfds:{TFDS_MOVIES}")
-        report = IngestionReport(source, rows, invalid, count, problems)
+        report = IngestionReport.of(source, ML_100K, check, count)
         _write_json(os.path.join(tmp, F.INGESTION_REPORT), report.to_dict())
     return report
 

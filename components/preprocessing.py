@@ -29,7 +29,15 @@ from components import progress
 from components.config import PreprocessingConfig
 from components.errors import DataError
 from components.examples import encode_example, load_stats
-from components.ingestion import BadRow, parse_rating_line, read_numbered_lines
+from components.ingestion import (
+    LAYOUTS,
+    ML_100K,
+    BadRow,
+    Layout,
+    parse_rating_line,
+    read_numbered_lines,
+    read_report,
+)
 from components.storage import PARTIAL_SUFFIX, atomic_output_dir
 
 log = logging.getLogger(__name__)
@@ -113,7 +121,11 @@ def assign_splits(keys: np.ndarray, thresholds: tuple) -> np.ndarray:
 SPLIT_ORDER = (F.TEST_SPLIT, F.VALIDATION_SPLIT, F.TRAIN_SPLIT)  # the codes of assign_splits
 
 
-def encode_rows(chunk: dict[str, np.ndarray], rows: np.ndarray) -> Iterator[bytes]:
+def encode_rows(
+    chunk: dict[str, np.ndarray],
+    rows: np.ndarray,
+    stars_range: tuple[float, float] = F.DEFAULT_STARS_RANGE,
+) -> Iterator[bytes]:
     """tf.train.Example bytes of the selected rows of a chunk."""
     users, movies, stars, times = (
         chunk[name][rows].tolist() for name in ("users", "movies", "stars", "timestamps")
@@ -123,7 +135,7 @@ def encode_rows(chunk: dict[str, np.ndarray], rows: np.ndarray) -> Iterator[byte
             {
                 F.USER_ID: user,
                 F.MOVIE_ID: movie,
-                F.RATING: F.normalise_stars(star),
+                F.RATING: F.normalise_stars(star, stars_range),
                 F.STARS: star,
                 F.TIMESTAMP: timestamp,
             }
@@ -151,16 +163,26 @@ def read_chunks(
 class _ParseChunkFn(beam.DoFn):
     """A chunk of lines -> one dict of numpy columns (valid rows) + dead letters (BadRow)."""
 
-    def __init__(self, seed: int, split: str = SPLIT_RANDOM):
+    def __init__(
+        self,
+        seed: int,
+        split: str = SPLIT_RANDOM,
+        layout: Layout = ML_100K,
+        superseded: frozenset[int] = frozenset(),
+    ):
         super().__init__()
         self._seed = seed
         self._split = split
+        self._layout = layout
+        self._superseded = superseded
 
     def process(self, element: tuple[str, list[tuple[int, str]]]) -> Iterable[Any]:
         source, lines = element
         users, movies, stars, times = [], [], [], []
         for number, line in lines:
-            parsed = parse_rating_line(line, source, number)
+            if number in self._superseded or (self._layout.header and number == 1):
+                continue  # a duplicate the rule drops (counted by ingestion), or the header
+            parsed = parse_rating_line(line, source, number, self._layout)
             if isinstance(parsed, BadRow):
                 yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, parsed)
                 continue
@@ -188,13 +210,18 @@ class _ParseChunkFn(beam.DoFn):
 class ParseRatings(beam.PTransform):
     """(source, [(line number, line)]) chunks -> column chunks, plus a `dead_letter` output."""
 
-    def __init__(self, seed: int, split: str = SPLIT_RANDOM):
+    def __init__(
+        self,
+        seed: int,
+        split: str = SPLIT_RANDOM,
+        layout: Layout = ML_100K,
+        superseded: frozenset[int] = frozenset(),
+    ):
         super().__init__()
-        self._seed = seed
-        self._split = split
+        self._parse = _ParseChunkFn(seed, split, layout, superseded)
 
     def expand(self, chunks):
-        outputs = chunks | "Parse" >> beam.ParDo(_ParseChunkFn(self._seed, self._split)).with_outputs(
+        outputs = chunks | "Parse" >> beam.ParDo(self._parse).with_outputs(
             DEAD_LETTER_TAG, main="ratings"
         )
         return {"ratings": outputs.ratings, DEAD_LETTER_TAG: outputs[DEAD_LETTER_TAG]}
@@ -393,16 +420,17 @@ def _bad_row_json(bad: BadRow) -> str:
 class _EncodeFn(beam.DoFn):
     """Column chunk -> Example bytes, reporting rows written as progress."""
 
-    def __init__(self, total_rows: int | None):
+    def __init__(self, total_rows: int | None, stars_range: tuple[float, float]):
         super().__init__()
         self._total = total_rows
+        self._stars_range = stars_range
 
     def setup(self):
         self._reporter = progress.Reporter("rows", self._total)
 
     def process(self, chunk):
         rows = np.arange(len(chunk["keys"]))
-        yield from encode_rows(chunk, rows)
+        yield from encode_rows(chunk, rows, self._stars_range)
         self._reporter.advance(len(rows))
 
 
@@ -412,16 +440,24 @@ def build_pipeline(
     out_dir: str,
     config: PreprocessingConfig,
     source_names: dict[str, str] | None = None,
-    total_rows: int | None = None,
+    ingestion: dict[str, Any] | None = None,
 ):
-    """Wire the transforms: read -> parse (+dead letter) -> split -> TFRecords + stats.json."""
+    """Wire the transforms: read -> parse (+dead letter) -> split -> TFRecords + stats.json.
+    `ingestion` is ingestion.json's content: layout, rating scale, duplicate lines, row count."""
     names = source_names or {}
+    ingestion = ingestion or {}
+    layout = LAYOUTS[ingestion.get("layout", ML_100K.name)]
+    stars_range = tuple(ingestion.get("stars_range", F.DEFAULT_STARS_RANGE))
+    superseded = frozenset(ingestion.get("superseded_lines", ()))
+    total_rows = (ingestion.get("ratings_rows") or 0) - len(superseded) or None
     chunks = (
         pipeline
         | "Paths" >> beam.Create(ratings_paths)
         | "ReadChunks" >> beam.FlatMap(lambda path: read_chunks(path, names.get(path, path)))
     )
-    parsed = chunks | "ParseRatings" >> ParseRatings(config.split_seed, config.split)
+    parsed = chunks | "ParseRatings" >> ParseRatings(
+        config.split_seed, config.split, layout, superseded
+    )
     ratings, dead = parsed["ratings"], parsed[DEAD_LETTER_TAG]
     if config.split == SPLIT_LAST_K:
         splits = ratings | "Split" >> LastKSplit(config.last_k, config.validation_fraction)
@@ -434,7 +470,7 @@ def build_pipeline(
     for name, split in splits.items():
         (
             split
-            | f"Encode{name}" >> beam.ParDo(_EncodeFn(total_rows))
+            | f"Encode{name}" >> beam.ParDo(_EncodeFn(total_rows, stars_range))
             | f"Write{name}"
             >> beam.io.WriteToTFRecord(
                 os.path.join(out_dir, name), file_name_suffix=".tfrecord"
@@ -469,6 +505,9 @@ def build_pipeline(
                 "validation_fraction": config.validation_fraction,
                 "last_k": config.last_k,
                 "split_seed": config.split_seed,
+                "stars_range": list(stars_range),
+                "superseded_rows": len(superseded),
+                "layout": layout.name,
             }
         )
         return json.dumps(stats, indent=2, sort_keys=True)
@@ -534,7 +573,7 @@ def run_preprocessing(
                     staging,
                     config,
                     {ratings_path: source_name} if source_name else None,
-                    _ingested_rows(ratings_dir),
+                    read_report(ratings_dir),
                 )
             stats = load_stats(staging)
             stats["seconds"] = round(time.perf_counter() - started, 2)
@@ -559,12 +598,3 @@ def run_preprocessing(
         log.warning("dead letter: %s", problem)
     log.info("preprocessing: %s", json.dumps(stats, sort_keys=True))
     return stats
-
-
-def _ingested_rows(ratings_dir: str) -> int | None:
-    """The row count ingestion reported (the progress bar's total), when there is one."""
-    path = os.path.join(ratings_dir, F.INGESTION_REPORT)
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as handle:
-        return int(json.load(handle).get("ratings_rows", 0)) or None

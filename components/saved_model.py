@@ -58,8 +58,9 @@ def _check_ids(ids, upper: int, name: str):
         return tf.identity(ids)
 
 
-def build_export_archive(model, seen):
-    """The serving signatures over a trained `Recommender` and its table of rated movies."""
+def build_export_archive(model, seen, stars_range: tuple[float, float] = F.DEFAULT_STARS_RANGE):
+    """The serving signatures over a trained `Recommender` and its table of rated movies;
+    `stars` outputs are on the data set's own scale."""
     import keras
     import tensorflow as tf
 
@@ -94,7 +95,7 @@ def build_export_archive(model, seen):
             message="user_id and movie_id must have the same length",
         )
         rating = model.predict_rating(user_id, movie_id)
-        return {F.OUT_RATING: rating, F.OUT_STARS: F.denormalise_rating(rating)}
+        return {F.OUT_RATING: rating, F.OUT_STARS: F.denormalise_rating(rating, stars_range)}
 
     def retrieve_k(user_id, k):
         from components.model import NO_MOVIE
@@ -195,7 +196,8 @@ def write_saved_model(
 ) -> str:
     """Write the SavedModel, its metadata, history and warmup requests into `path` (a staging
     folder: the caller publishes it atomically)."""
-    build_export_archive(model, seen).write_out(path, verbose=False)
+    stars_range = tuple(metadata.get("stars_range", F.DEFAULT_STARS_RANGE))
+    build_export_archive(model, seen, stars_range).write_out(path, verbose=False)
     extra = os.path.join(path, METADATA_DIR)
     os.makedirs(extra, exist_ok=True)
     info = {

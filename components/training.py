@@ -149,14 +149,18 @@ def run_training(
     started = time.perf_counter()
     model, history = train_model(examples_dir, config)
     seen = rated_movies(examples_dir, model.num_users)
+    stats = load_stats(examples_dir)
     with atomic_output_dir(model_dir) as staging:
         write_saved_model(
             model,
             seen,
             staging,
             history,
-            {"train_seconds": round(time.perf_counter() - started, 2),
-             "examples_rows": load_stats(examples_dir)["rows"]},
+            {
+                "train_seconds": round(time.perf_counter() - started, 2),
+                "examples_rows": stats["rows"],
+                "stars_range": stats.get("stars_range", list(F.DEFAULT_STARS_RANGE)),
+            },
             model_name,
         )
     return history

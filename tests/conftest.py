@@ -13,15 +13,23 @@ SHARED_ML100K = os.path.abspath(
 
 
 def write_movielens(
-    directory: str, users: int = 60, movies: int = 40, per_user: int = 25, seed: int = 0
+    directory: str,
+    users: int = 60,
+    movies: int = 40,
+    per_user: int = 25,
+    seed: int = 0,
+    layout: str = "ml-100k",
 ) -> str:
-    """Write u.data / u.item in ML-100k's format, with latent structure a model can learn."""
+    """Write ratings and a catalogue in a MovieLens release's exact layout (ml-100k's u.data /
+    u.item, ml-1m's ratings.dat / movies.dat, ml-25m's ratings.csv / movies.csv), with latent
+    structure a model can learn. ml-25m's ratings are half stars, its titles quoted CSV."""
     rng = np.random.default_rng(seed)
     os.makedirs(directory, exist_ok=True)
     user_taste = rng.normal(size=(users + 1, 3))
     movie_traits = rng.normal(size=(movies + 1, 3))
     popularity = np.linspace(1.5, 0.2, movies)
-    lines = []
+    half = layout == "ml-25m"
+    rows = []
     for user in range(1, users + 1):
         weights = popularity * np.exp(movie_traits[1:] @ user_taste[user] * 0.5)
         chosen = rng.choice(
@@ -30,17 +38,32 @@ def write_movielens(
         for index in chosen:
             movie = int(index) + 1
             affinity = movie_traits[movie] @ user_taste[user]
-            stars = int(np.clip(np.round(3 + affinity + rng.normal(scale=0.5)), 1, 5))
-            lines.append(f"{user}\t{movie}\t{stars}\t{874000000 + len(lines)}\n")
-    with open(os.path.join(directory, "u.data"), "w", encoding="utf-8") as handle:
-        handle.writelines(lines)
-    with open(os.path.join(directory, "u.item"), "w", encoding="latin-1") as handle:
-        for movie in range(1, movies + 1):
-            handle.write(
-                f"{movie}|Movie {movie} (199{movie % 10})|01-Jan-1995||http://example.invalid/{movie}"
-                + "|0" * 19
-                + "\n"
-            )
+            raw = 3 + affinity + rng.normal(scale=0.5)
+            stars = float(np.clip(np.round(raw * 2) / 2, 0.5, 5)) if half else int(np.clip(np.round(raw), 1, 5))
+            rows.append((user, movie, stars, 874000000 + len(rows)))
+    titles = [f"Movie {m}, The (199{m % 10})" if half else f"Movie {m} (199{m % 10})" for m in range(1, movies + 1)]
+    if layout == "ml-100k":
+        with open(os.path.join(directory, "u.data"), "w", encoding="utf-8") as handle:
+            handle.writelines(f"{u}\t{m}\t{s}\t{t}\n" for u, m, s, t in rows)
+        with open(os.path.join(directory, "u.item"), "w", encoding="latin-1") as handle:
+            for movie, title in enumerate(titles, start=1):
+                handle.write(
+                    f"{movie}|{title}|01-Jan-1995||http://example.invalid/{movie}" + "|0" * 19 + "\n"
+                )
+    elif layout == "ml-1m":
+        with open(os.path.join(directory, "ratings.dat"), "w", encoding="utf-8") as handle:
+            handle.writelines(f"{u}::{m}::{s}::{t}\n" for u, m, s, t in rows)
+        with open(os.path.join(directory, "movies.dat"), "w", encoding="latin-1") as handle:
+            handle.writelines(f"{m}::{title}::Drama|Comédie\n" for m, title in enumerate(titles, 1))
+    elif layout == "ml-25m":
+        with open(os.path.join(directory, "ratings.csv"), "w", encoding="utf-8") as handle:
+            handle.write("userId,movieId,rating,timestamp\n")
+            handle.writelines(f"{u},{m},{s:.1f},{t}\n" for u, m, s, t in rows)
+        with open(os.path.join(directory, "movies.csv"), "w", encoding="utf-8") as handle:
+            handle.write("movieId,title,genres\n")
+            handle.writelines(f'{m},"{title}",Drama|Comédie\n' for m, title in enumerate(titles, 1))
+    else:
+        raise ValueError(layout)
     return directory
 
 

@@ -28,8 +28,8 @@ def test_parse_rating_line_valid():
         ("x\t242\t3\t1\n", "field user_id is not an integer ('x')"),
         ("0\t242\t3\t1\n", "field user_id must be a positive integer, got 0"),
         ("1\t-5\t3\t1\n", "field movie_id must be a positive integer, got -5"),
-        ("1\t2\t6\t1\n", "field stars must be in 1..5, got 6"),
-        ("1\t2\t0\t1\n", "field stars must be in 1..5, got 0"),
+        ("1\t2\t6\t1\n", "field stars must be whole stars in 1..5, got 6"),
+        ("1\t2\t0\t1\n", "field stars must be whole stars in 1..5, got 0"),
         ("1\t2\tgood\t1\n", "field stars is not a number ('good')"),
         ("1\t2\t3\tyesterday\n", "field timestamp is not an integer ('yesterday')"),
     ],
@@ -73,15 +73,19 @@ def test_ingest_reports_malformed_rows_without_dropping_them(tmp_path, small_dat
     report = run_ingestion(str(data), str(tmp_path / "r"), str(tmp_path / "m"))
     assert report.ratings_rows == 3 and report.invalid_rows == 1
     assert report.problems == [
-        f"{data / 'u.data'}, line 2: field stars must be in 1..5, got 9: '1\\t3\\t9\\t4'"
+        f"{data / 'u.data'}, line 2: field stars must be whole stars in 1..5, got 9: '1\\t3\\t9\\t4'"
     ]
     # The row is still in the artifact: preprocessing's dead-letter policy decides.
     assert (tmp_path / "r" / F.RATINGS_FILE).read_text().count("\n") == 3
 
 
 def test_missing_file_and_wrong_file(tmp_path, small_data_dir):
-    with pytest.raises(DataError, match=r"u.data: not found"):
-        run_ingestion(str(tmp_path), str(tmp_path / "r"), str(tmp_path / "m"))
+    with pytest.raises(DataError, match=r"nope: not found \(expected a MovieLens folder\)"):
+        run_ingestion(str(tmp_path / "nope"), str(tmp_path / "r"), str(tmp_path / "m"))
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "u.data").write_text("1\t2\t3\t4\n")
+    with pytest.raises(DataError, match=r"only/u.item: not found \(the ml-100k"):
+        run_ingestion(str(tmp_path / "only"), str(tmp_path / "r"), str(tmp_path / "m"))
     data = tmp_path / "csv"
     data.mkdir()
     (data / "u.data").write_text("userId,movieId,rating,timestamp\n1,2,3,4\n")
@@ -141,3 +145,70 @@ def test_tfds_offline_fails_fast_with_a_clear_message(tmp_path):
             str(tmp_path / "r"), str(tmp_path / "m"), tfds_data_dir=str(tmp_path / "tfds")
         )
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("layout", ["ml-100k", "ml-1m", "ml-25m"])
+def test_every_release_layout_is_recognised(tmp_path, layout):
+    from tests.conftest import write_movielens
+
+    data = write_movielens(str(tmp_path / "data"), users=10, movies=8, per_user=4, layout=layout)
+    report = run_ingestion(data, str(tmp_path / "r"), str(tmp_path / "m"))
+    assert report.ratings_rows == 40 and report.invalid_rows == 0 and report.movies == 8
+    low, high = report.stars_range
+    assert (low >= 1.0 and high <= 5.0) if layout != "ml-25m" else (low >= 0.5 and high <= 5.0)
+    titles = (tmp_path / "m" / F.MOVIES_FILE).read_text(encoding="utf-8").splitlines()
+    expected = "1\tMovie 1, The (1991)" if layout == "ml-25m" else "1\tMovie 1 (1991)"
+    assert titles[0] == expected
+
+
+def test_half_stars_and_the_scale_from_the_data(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "ratings.csv").write_text(
+        "userId,movieId,rating,timestamp\n1,2,0.5,10\n1,3,4.5,11\n2,2,3.0,12\n2,3,5.5,13\n"
+        "2,4,3.25,14\n"
+    )
+    (data / "movies.csv").write_text('movieId,title,genres\n2,"Heat, The (1995)",Drama\n3,B,C\n')
+    report = run_ingestion(str(data), str(tmp_path / "r"), str(tmp_path / "m"))
+    assert report.layout == "ml-20m/ml-25m/ml-latest" and report.stars_range == (0.5, 4.5)
+    assert report.invalid_rows == 2
+    assert "line 5: field stars must be half stars in 0.5..5, got 5.5" in report.problems[0]
+    assert "line 6: field stars must be half stars in 0.5..5, got 3.25" in report.problems[1]
+    assert "2\tHeat, The (1995)" in (tmp_path / "m" / F.MOVIES_FILE).read_text()
+
+
+def test_wrong_header_and_unknown_folders_are_named(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    with pytest.raises(DataError, match="not a MovieLens folder .*ml-100k \\(u.data, u.item\\)"):
+        run_ingestion(str(data), str(tmp_path / "r"), str(tmp_path / "m"))
+    (data / "ratings.csv").write_text("user,item,rating,time\n1,2,3,4\n")
+    (data / "movies.csv").write_text("movieId,title,genres\n2,A,B\n")
+    with pytest.raises(DataError, match=r"ratings.csv, line 1: expected the header 'userId,movieId"):
+        run_ingestion(str(data), str(tmp_path / "r"), str(tmp_path / "m"))
+
+
+def test_duplicate_ratings_are_counted_and_the_newest_kept(tmp_path):
+    from components.config import PreprocessingConfig
+    from components.examples import load_columns
+    from components.preprocessing import run_preprocessing
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "ratings.dat").write_text(
+        "1::2::3::100\n1::2::5::300\n1::2::1::200\n2::2::4::50\n2::3::4::60\n2::3::2::60\n"
+    )
+    (data / "movies.dat").write_text("2::A (1990)::Drama\n3::B (1991)::Drama\n")
+    report = run_ingestion(str(data), str(tmp_path / "r"), str(tmp_path / "m"))
+    assert report.duplicate_pairs == 2 and report.superseded_lines == [1, 3, 5]
+    stats = run_preprocessing(
+        str(tmp_path / "r"), str(tmp_path / "e"), PreprocessingConfig(test_fraction=0.34)
+    )
+    assert stats["superseded_rows"] == 3 and sum(stats["rows"].values()) == 3
+    stars = sorted(
+        (int(u), int(m), float(s))
+        for split in ("train", "validation", "test")
+        if stats["rows"][split]
+        for u, m, s in zip(*(load_columns(str(tmp_path / "e"), split)[k] for k in ("user_id", "movie_id", "stars")), strict=True)
+    )
+    assert stars == [(1, 2, 5.0), (2, 2, 4.0), (2, 3, 2.0)]

@@ -188,7 +188,7 @@ def test_cli_errors_are_one_line_not_tracebacks(tmp_path, capsys):
     )  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2
-    assert err.startswith("mtrec: error: ") and "u.data: not found" in err
+    assert err.startswith("mtrec: error: ") and "nope: not found" in err
     assert "Traceback" not in err
 
 
@@ -207,10 +207,10 @@ def test_a_failing_task_reports_its_error_without_a_traceback(tmp_path, capfd):
         run_local(config)
     printed = capfd.readouterr()
     output = printed.out + printed.err
-    assert "mtrec: error: " in output and "u.data: not found" in output
+    assert "mtrec: error: " in output and "missing: not found" in output
     assert "Traceback" not in output
     with open(tmp_path / "out" / "logs" / "ingestion.log") as handle:
-        assert "u.data: not found" in handle.read()
+        assert "missing: not found" in handle.read()
 
 
 @pytest.mark.slow
@@ -273,3 +273,40 @@ def test_the_compiled_yaml_itself_runs_through_kfp_local(tmp_path, small_data_di
     with open(os.path.join(task.outputs["blessing"].path, "blessing.json")) as handle:
         assert json.load(handle)["blessed"] is True
     assert list_versions(os.path.join(serving, "mtrec")) == [1]
+
+
+@pytest.mark.slow
+def test_a_half_star_release_runs_end_to_end_on_its_own_scale(tmp_path):
+    """ml-25m's layout (CSV, half stars): normalised and reported on the data's own range."""
+    from pipeline.runners import run_local
+    from tests.conftest import write_movielens
+
+    data = write_movielens(str(tmp_path / "ml-25m"), layout="ml-25m")
+    config = PipelineConfig(
+        data_dir=data,
+        output_dir=str(tmp_path / "out"),
+        training=TrainingConfig(epochs=1, batch_size=256),
+        gates=GateConfig(max_rmse=1.0, min_hit_rate=0.0, require_beat_baselines=False),
+    )
+    result = run_local(config)
+    with open(tmp_path / "out" / "pipeline-root" / _stats_path(tmp_path / "out")) as handle:
+        low, high = json.load(handle)["stars_range"]
+    assert low == 0.5 or low < 1.0
+    model = result.metrics["model"]
+    assert model["rmse_stars"] == pytest.approx(model["rmse"] * (high - low))
+    loaded = tf.saved_model.load(result.model_path)
+    out = loaded.signatures[F.SIGNATURE_RANK](
+        user_id=tf.constant([1, 2], tf.int32), movie_id=tf.constant([1, 2], tf.int32)
+    )
+    np_stars = out[F.OUT_STARS].numpy()
+    assert ((np_stars >= low - 1e-6) & (np_stars <= high + 1e-6)).all()
+
+
+def _stats_path(output) -> str:
+    (path,) = [
+        os.path.relpath(os.path.join(root, name), output / "pipeline-root")
+        for root, _, names in os.walk(output / "pipeline-root")
+        for name in names
+        if name == "stats.json"
+    ]
+    return path

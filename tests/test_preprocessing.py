@@ -64,7 +64,7 @@ def test_parse_ratings_sends_malformed_lines_to_dead_letter():
                 [
                     ("u.data", 2, "expected 4 tab-separated fields, got 3"),
                     ("u.data", 3, "field movie_id is not an integer ('x')"),
-                    ("u.data", 4, "field stars must be in 1..5, got 7"),
+                    ("u.data", 4, "field stars must be whole stars in 1..5, got 7"),
                     ("u.data", 6, "field user_id is not an integer ('1_96')"),
                 ]
             ),
@@ -179,7 +179,7 @@ def test_malformed_share_over_the_limit_fails_and_keeps_nothing_half_written(tmp
         run_preprocessing(ratings, str(out), PreprocessingConfig(max_invalid_share=0.1))
     message = str(err.value)
     assert "1 malformed rating row(s)" in message
-    assert "line 2: field stars must be in 1..5, got 9" in message
+    assert "line 2: field stars must be whole stars in 1..5, got 9" in message
     assert sorted(os.listdir(out)) == ["rejected"]
     (dead,) = os.listdir(out / "rejected")
     row = json.loads((out / "rejected" / dead).read_text())
