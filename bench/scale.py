@@ -1,0 +1,165 @@
+"""Scale benchmark: every stage on synthetic data with ML-25M's shape, rows/s and peak RSS per stage.
+
+    python bench/scale.py --rows 1000000,5000000,25000000 [--epochs 1] [--work-dir DIR]
+
+Generates ratings in ml-25m's exact CSV layout (ratings.csv / movies.csv, header, quoted titles,
+half stars) at ML-25M's shape (162k users, 59k movies at 25M rows; fewer at smaller sizes, same
+ratings per user), with Zipf-like movie popularity, skewed user activity and users with latent
+tastes (taste clusters) so a model can learn. Then runs each stage as its own process (as a KFP
+task would), measuring wall time and the process's peak RSS (wait4), and prints a table with the
+issue's targets. Run by hand; it is not a test.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+USERS_AT_25M, MOVIES_AT_25M, ROWS_25M = 162_541, 59_047, 25_000_095
+CLUSTERS = 24
+TARGETS = {  # issue 8, on this 2-core, 24 GB machine
+    "preprocess": "≥ 100k rows/s, ≤ 4 GB at 25M",
+    "train": "≥ 150k examples/s",
+    "evaluate": "≤ 8 GB at 25M",
+    "push": "≤ 8 GB at 25M",
+}
+
+
+def generate(directory: str, rows: int, seed: int = 0) -> str:
+    """ml-25m's layout at `rows` ratings; users and movies scale with sqrt-ish of the size."""
+    rng = np.random.default_rng(seed)
+    scale = rows / ROWS_25M
+    users = max(1000, int(USERS_AT_25M * scale))
+    movies = max(500, int(MOVIES_AT_25M * min(1.0, scale**0.5)))
+    os.makedirs(directory, exist_ok=True)
+    # Movies: a taste cluster each, Zipf popularity within the catalogue.
+    cluster_of = rng.integers(0, CLUSTERS, movies)
+    popularity = 1.0 / np.arange(1, movies + 1) ** 0.9
+    rng.shuffle(popularity)
+    by_cluster = [np.flatnonzero(cluster_of == c) for c in range(CLUSTERS)]
+    cdfs = [np.cumsum(popularity[ids]) / popularity[ids].sum() for ids in by_cluster]
+    # Users: skewed activity (at least 20 ratings), two favourite clusters.
+    activity = rng.lognormal(0.0, 1.0, users)
+    counts = np.maximum(20, (activity / activity.sum() * rows).astype(np.int64))
+    counts[-1] += max(0, rows - counts.sum())
+    user_of_row = np.repeat(np.arange(1, users + 1), counts)[:rows]
+    favourite = rng.integers(0, CLUSTERS, (users + 1, 2))
+    likes = rng.random(len(user_of_row)) < 0.7
+    cluster = np.where(
+        likes, favourite[user_of_row, rng.integers(0, 2, len(user_of_row))],
+        rng.integers(0, CLUSTERS, len(user_of_row)),
+    )  # fmt: skip
+    movie_of_row = np.empty(len(user_of_row), dtype=np.int64)
+    for c in range(CLUSTERS):
+        rows_c = np.flatnonzero(cluster == c)
+        picks = np.searchsorted(cdfs[c], rng.random(rows_c.size))
+        movie_of_row[rows_c] = by_cluster[c][np.minimum(picks, len(by_cluster[c]) - 1)] + 1
+    stars = np.clip(np.round((3.0 + 1.2 * likes + rng.normal(0, 0.8, likes.size)) * 2) / 2, 0.5, 5)
+    times = 1_000_000_000 + rng.integers(0, 600_000_000, likes.size)
+    with open(os.path.join(directory, "ratings.csv"), "w", encoding="utf-8") as out:
+        out.write("userId,movieId,rating,timestamp\n")
+        for start in range(0, likes.size, 1_000_000):
+            stop = start + 1_000_000
+            out.write(
+                "\n".join(
+                    f"{u},{m},{s:.1f},{t}"
+                    for u, m, s, t in zip(
+                        user_of_row[start:stop].tolist(), movie_of_row[start:stop].tolist(),
+                        stars[start:stop].tolist(), times[start:stop].tolist(), strict=True,
+                    )
+                )  # fmt: skip
+                + "\n"
+            )
+    with open(os.path.join(directory, "movies.csv"), "w", encoding="utf-8") as out:
+        out.write("movieId,title,genres\n")
+        out.writelines(f'{m},"Movie {m}, The (19{m % 100:02d})",Drama\n' for m in range(1, movies + 1))
+    return directory
+
+
+def run_stage(args: list[str]) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS in GB, exit status) of `mtrec ARGS` in its own process."""
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    if status:
+        tail = process.stderr.read().decode(errors="replace").strip().splitlines()[-3:]
+        print(f"  mtrec {args[0]} failed: {' | '.join(tail)}", file=sys.stderr)
+    return seconds, usage.ru_maxrss / 2**20, status
+
+
+def bench(rows: int, work: str, epochs: int) -> list[dict]:
+    data = os.path.join(work, f"ml-synthetic-{rows}")
+    if not os.path.isfile(os.path.join(data, "ratings.csv")):
+        started = time.perf_counter()
+        generate(data, rows)
+        print(f"generated {rows:,} rows in {time.perf_counter() - started:.0f}s", file=sys.stderr)
+    a = {n: os.path.join(work, f"{n}-{rows}") for n in ("r", "m", "e", "model", "eval", "infra", "serving")}
+    stages = [
+        ("ingest", ["ingest", "--data-dir", data, "--ratings-output", a["r"], "--movies-output", a["m"]], rows),
+        ("preprocess", ["preprocess", "--ratings", a["r"], "--output", a["e"]], rows),
+        ("train", ["train", "--examples", a["e"], "--output", a["model"], "--epochs", str(epochs)], None),
+        ("evaluate", ["evaluate", "--model", a["model"], "--examples", a["e"], "--output", a["eval"],
+                      "--max-rmse", "1", "--min-hit-rate", "0", "--require-beat-baselines", "false"], None),
+        ("infra-validate", ["infra-validate", "--model", a["model"], "--output", a["infra"]], None),
+        ("push", ["push", "--model", a["model"], "--blessing", a["eval"], "--infra-blessing", a["infra"],
+                  "--serving-model-dir", a["serving"]], None),
+    ]  # fmt: skip
+    out = []
+    for name, args, units in stages:
+        seconds, peak, status = run_stage(args)
+        if name == "train" and not status:
+            units = _train_rows(a["e"]) * epochs
+        out.append(
+            {
+                "rows": rows, "stage": name, "seconds": seconds, "peak_gb": peak,
+                "per_second": (units / seconds) if units else None, "ok": status == 0,
+            }
+        )  # fmt: skip
+        print(_row(out[-1]), file=sys.stderr, flush=True)
+        if status:
+            break
+    return out
+
+
+def _train_rows(examples: str) -> int:
+    import json
+
+    with open(os.path.join(examples, "stats.json")) as handle:
+        return int(json.load(handle)["rows"]["train"])
+
+
+def _row(r: dict) -> str:
+    rate = f"{r['per_second']:,.0f}" if r["per_second"] else "—"
+    return (
+        f"| {r['rows']:,} | {r['stage']} | {r['seconds']:.1f} | {rate} | {r['peak_gb']:.2f} | "
+        f"{TARGETS.get(r['stage'], '')} | {'ok' if r['ok'] else 'FAILED'} |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="1000000", help="comma-separated sizes")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "mtrec-scale"))
+    args = parser.parse_args()
+    results = []
+    for rows in (int(r) for r in args.rows.split(",")):
+        results += bench(rows, args.work_dir, args.epochs)
+    print("| rows | stage | seconds | rows/s (train: examples/s) | peak RSS GB | target | status |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(_row(r))
+
+
+if __name__ == "__main__":
+    main()
