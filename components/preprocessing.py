@@ -253,6 +253,14 @@ def _bucket_counts(chunk: dict[str, np.ndarray]) -> np.ndarray:
     return np.bincount(buckets, minlength=1 << BUCKET_BITS)
 
 
+def tagged_splits(chunk: dict[str, np.ndarray], codes: np.ndarray) -> Iterator[Any]:
+    """One tagged output per split a chunk's rows go to (codes as `assign_splits` returns)."""
+    for code, name in enumerate(SPLIT_ORDER):
+        rows = np.flatnonzero(codes == code)
+        if rows.size:
+            yield beam.pvalue.TaggedOutput(name, {c: chunk[c][rows] for c in _COLUMNS})
+
+
 class SplitRatings(beam.PTransform):
     """Column chunks -> {split name: chunk}: exact split sizes chosen by the smallest seeded keys.
 
@@ -308,11 +316,7 @@ class SplitRatings(beam.PTransform):
         )
 
         def split_chunk(chunk, thresholds):
-            codes = assign_splits(chunk["keys"], thresholds)
-            for code, name in enumerate(SPLIT_ORDER):
-                rows = np.flatnonzero(codes == code)
-                if rows.size:
-                    yield beam.pvalue.TaggedOutput(name, {k: chunk[k][rows] for k in _COLUMNS})
+            yield from tagged_splits(chunk, assign_splits(chunk["keys"], thresholds))
 
         split = chunks | "Assign" >> beam.FlatMap(
             split_chunk, beam.pvalue.AsSingleton(thresholds)
@@ -372,10 +376,7 @@ class LastKSplit(beam.PTransform):
         def split_chunk(chunk, thresholds):
             limits = np.array([thresholds[int(u)] for u in chunk["users"]], dtype=np.uint64)
             codes = np.where(chunk["recency"] >= limits, 0, np.where(chunk["keys"] < cut, 1, 2))
-            for code, name in enumerate(SPLIT_ORDER):
-                rows = np.flatnonzero(codes == code)
-                if rows.size:
-                    yield beam.pvalue.TaggedOutput(name, {c: chunk[c][rows] for c in _COLUMNS})
+            yield from tagged_splits(chunk, codes)
 
         split = chunks | "Assign" >> beam.FlatMap(
             split_chunk, beam.pvalue.AsDict(thresholds)
