@@ -91,6 +91,10 @@ class PreprocessingConfig(_Section):
             raise ConfigError(f"max_invalid_share must be in [0, 1], got {self.max_invalid_share}")
 
 
+RETRIEVAL_NEGATIVES = ("in-batch", "mixed", "full")
+LEARNING_RATE_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass(frozen=True)
 class TrainingConfig(_Section):
     """The multi-task model and its optimisation."""
@@ -110,8 +114,22 @@ class TrainingConfig(_Section):
     temperature: float = 0.05
     sampling_correction_weight: float = 2.0  # logQ correction of in-batch negatives (0 = seed)
     remove_accidental_hits: bool = True
+    # Retrieval negatives besides the batch's own movies. "in-batch" (the seed's), "mixed"
+    # (plus `sampled_negatives` movies drawn uniformly per batch, Yang et al. 2020) or "full"
+    # (every candidate movie: an exact softmax, affordable for catalogues of a few thousand).
+    retrieval_negatives: str = "in-batch"
+    sampled_negatives: int = 0
+    # Rating-aware retrieval: a rating below `liked_rating` (normalised; 0.75 = 4 stars) weighs
+    # `disliked_retrieval_weight` in the retrieval loss (1 = every rating is a positive).
+    liked_rating: float = 0.75
+    disliked_retrieval_weight: float = 1.0
+    # Extra user/movie embeddings seen only by the rating head (0 = none: it reads the shared ones).
+    rating_embedding_dim: int = 0
     optimizer: str = "adam"
     learning_rate: float = 3e-3
+    # "constant" or "cosine" (decay to `final_learning_rate_fraction` of it over all epochs).
+    learning_rate_schedule: str = "constant"
+    final_learning_rate_fraction: float = 0.0
     weight_decay: float = 0.0  # decoupled (AdamW-style) weight decay, any optimizer
     batch_size: int = 1024
     epochs: int = 12
@@ -133,6 +151,24 @@ class TrainingConfig(_Section):
             raise ConfigError("retrieval_loss_reduction must be 'sum' or 'mean'")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.retrieval_negatives not in RETRIEVAL_NEGATIVES:
+            raise ConfigError(
+                f"retrieval_negatives must be one of {RETRIEVAL_NEGATIVES}, "
+                f"got {self.retrieval_negatives!r}"
+            )
+        if self.sampled_negatives < 0 or self.rating_embedding_dim < 0:
+            raise ConfigError("sampled_negatives and rating_embedding_dim must be >= 0")
+        if self.retrieval_negatives == "mixed" and self.sampled_negatives == 0:
+            raise ConfigError("retrieval_negatives='mixed' needs sampled_negatives > 0")
+        if self.disliked_retrieval_weight < 0:
+            raise ConfigError("disliked_retrieval_weight must be >= 0")
+        if self.learning_rate_schedule not in LEARNING_RATE_SCHEDULES:
+            raise ConfigError(
+                f"learning_rate_schedule must be one of {LEARNING_RATE_SCHEDULES}, "
+                f"got {self.learning_rate_schedule!r}"
+            )
+        if not 0.0 <= self.final_learning_rate_fraction <= 1.0:
+            raise ConfigError("final_learning_rate_fraction must be in [0, 1]")
 
 
 @dataclass(frozen=True)

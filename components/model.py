@@ -59,6 +59,18 @@ def remove_accidental_hits(logits, labels, candidate_ids):
     return ops.where(duplicate, EXCLUDED_SCORE, logits)
 
 
+def learning_rate_schedule(
+    config: TrainingConfig, train_rows: int
+) -> keras.optimizers.schedules.LearningRateSchedule | None:
+    """The schedule `config` asks for over epochs * steps-per-epoch steps (None = constant)."""
+    if config.learning_rate_schedule == "constant":
+        return None
+    steps = config.epochs * max(1, -(-train_rows // config.batch_size))
+    return keras.optimizers.schedules.CosineDecay(
+        config.learning_rate, steps, alpha=config.final_learning_rate_fraction
+    )
+
+
 class Recommender(keras.Model):
     """Joint retrieval + rating model over integer user and movie ids.
 
@@ -94,9 +106,12 @@ class Recommender(keras.Model):
         position = np.full(self.num_movies, -1, dtype=np.int32)
         position[candidates] = np.arange(candidates.size, dtype=np.int32)
         self._candidate_position = tf.constant(position)
+        self._candidates = tf.constant(candidates)
+        self._sampling_probability = tf.constant(counts / max(counts.sum(), 1.0), tf.float32)
         self._log_sampling_probability = tf.constant(
             np.log(np.clip(counts / max(counts.sum(), 1.0), 1e-9, 1.0)), dtype=tf.float32
         )
+        self.train_rows = int(counts.sum())  # sizes the learning-rate schedule
 
         regularizer = keras.regularizers.L2(config.embedding_l2) if config.embedding_l2 else None
         dim = config.embedding_dim
@@ -106,6 +121,19 @@ class Recommender(keras.Model):
         self.movie_embedding = keras.layers.Embedding(
             self.num_movies, dim, embeddings_regularizer=regularizer, name="movie_embedding"
         )
+        if config.rating_embedding_dim:
+            self.rating_user_embedding = keras.layers.Embedding(
+                self.num_users,
+                config.rating_embedding_dim,
+                embeddings_regularizer=regularizer,
+                name="rating_user_embedding",
+            )
+            self.rating_movie_embedding = keras.layers.Embedding(
+                self.num_movies,
+                config.rating_embedding_dim,
+                embeddings_regularizer=regularizer,
+                name="rating_movie_embedding",
+            )
         self.rating_head = keras.Sequential(
             [keras.layers.Dense(units, activation="relu") for units in config.rating_hidden_units]
             + [keras.layers.Dense(1)],
@@ -128,7 +156,11 @@ class Recommender(keras.Model):
     def build(self, input_shape=None):
         self.user_embedding.build((None,))
         self.movie_embedding.build((None,))
-        width = (3 if self.config.rating_product_feature else 2) * self.config.embedding_dim
+        if self.config.rating_embedding_dim:
+            self.rating_user_embedding.build((None,))
+            self.rating_movie_embedding.build((None,))
+        dim = self.config.embedding_dim + self.config.rating_embedding_dim
+        width = (3 if self.config.rating_product_feature else 2) * dim
         self.rating_head.build((None, width))
         if self.config.use_bias_terms:
             self.user_bias.build((None,))
@@ -142,6 +174,9 @@ class Recommender(keras.Model):
         return {"user_embedding": user, "movie_embedding": movie, F.RATING: rating}
 
     def _rating(self, user_ids, movie_ids, user, movie):
+        if self.config.rating_embedding_dim:
+            user = ops.concatenate([user, self.rating_user_embedding(user_ids)], axis=-1)
+            movie = ops.concatenate([movie, self.rating_movie_embedding(movie_ids)], axis=-1)
         features = [user, movie]
         if self.config.rating_product_feature:
             features.append(user * movie)
@@ -160,7 +195,7 @@ class Recommender(keras.Model):
             total = total + config.ranking_weight * mse
             self.rating_loss_tracker.update_state(mse)
         if config.retrieval_weight > 0:
-            retrieval = self._retrieval_loss(x[F.MOVIE_ID], y_pred)
+            retrieval = self._retrieval_loss(x[F.MOVIE_ID], y_pred, y)
             total = total + config.retrieval_weight * retrieval
             self.retrieval_loss_tracker.update_state(retrieval)
         self.rmse_metric.update_state(y, ops.clip(y_pred[F.RATING], 0.0, 1.0))
@@ -168,22 +203,70 @@ class Recommender(keras.Model):
             total = total + ops.sum(self.losses)
         return total
 
-    def _retrieval_loss(self, movie_ids, y_pred):
-        """In-batch softmax: each row's own movie is the positive, the batch's others negatives."""
+    def _retrieval_loss(self, movie_ids, y_pred, ratings=None):
+        """Softmax over negatives (the batch's movies, plus uniform samples, or the whole
+        catalogue); each row's own movie is the positive, weighted by its rating when
+        `disliked_retrieval_weight` < 1."""
         config = self.config
         user, movie = y_pred["user_embedding"], y_pred["movie_embedding"]
-        logits = ops.matmul(user, ops.transpose(movie)) / config.temperature
-        batch = ops.shape(logits)[0]
-        labels = ops.eye(batch, dtype=logits.dtype)
-        if config.sampling_correction_weight:
-            log_q = ops.take(self._log_sampling_probability, movie_ids)
-            logits = logits - config.sampling_correction_weight * log_q[None, :]
-        if config.remove_accidental_hits:
-            logits = remove_accidental_hits(logits, labels, movie_ids)
-        per_row = keras.losses.categorical_crossentropy(labels, logits, from_logits=True)
+        if config.retrieval_negatives == "full":
+            per_row = self._full_softmax_loss(user, movie_ids)
+        else:
+            per_row = self._sampled_softmax_loss(user, movie, movie_ids)
+        if ratings is not None and config.disliked_retrieval_weight != 1.0:
+            liked = ops.cast(ratings, "float32") >= config.liked_rating - 1e-6
+            weights = ops.where(liked, 1.0, config.disliked_retrieval_weight)
+            if config.retrieval_loss_reduction == "sum":
+                return ops.sum(weights * per_row)
+            return ops.sum(weights * per_row) / ops.maximum(ops.sum(weights), 1e-6)
         if config.retrieval_loss_reduction == "sum":
             return ops.sum(per_row)
         return ops.mean(per_row)
+
+    def _full_softmax_loss(self, user, movie_ids):
+        """Cross-entropy over every candidate: no sampling, hence no sampling-bias correction."""
+        candidates = self.movie_embedding(self._candidates)
+        logits = ops.matmul(user, ops.transpose(candidates)) / self.config.temperature
+        labels = ops.take(self._candidate_position, movie_ids)
+        return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+
+    def _sampled_softmax_loss(self, user, movie, movie_ids):
+        """In-batch negatives (popularity-distributed), optionally mixed with uniform samples;
+        logQ corrects every column by the log of its expected count in the negative set."""
+        config = self.config
+        batch = ops.shape(user)[0]
+        column_ids = movie_ids
+        columns = movie
+        if config.retrieval_negatives == "mixed":
+            sampled = tf.random.uniform(
+                [config.sampled_negatives], 0, len(self.candidate_ids), dtype=tf.int32
+            )
+            sampled_ids = ops.take(self._candidates, sampled)
+            column_ids = ops.concatenate([movie_ids, sampled_ids], axis=0)
+            columns = ops.concatenate([movie, self.movie_embedding(sampled_ids)], axis=0)
+        logits = ops.matmul(user, ops.transpose(columns)) / config.temperature
+        labels = ops.one_hot(ops.arange(batch), ops.shape(logits)[1], dtype=logits.dtype)
+        if config.sampling_correction_weight:
+            if config.retrieval_negatives == "mixed":
+                expected = ops.cast(batch, "float32") * ops.take(
+                    self._sampling_probability, column_ids
+                ) + config.sampled_negatives / len(self.candidate_ids)
+                log_q = ops.log(ops.maximum(expected, 1e-9))
+            else:
+                log_q = ops.take(self._log_sampling_probability, column_ids)
+            logits = logits - config.sampling_correction_weight * log_q[None, :]
+        if config.remove_accidental_hits:
+            logits = remove_accidental_hits(logits, labels, column_ids)
+        return keras.losses.categorical_crossentropy(labels, logits, from_logits=True)
+
+    def compile(self, optimizer="adam", **kwargs: Any) -> None:
+        """Install the configured learning-rate schedule on the optimizer (sized from the
+        training rows), so the training loop needs no schedule logic of its own."""
+        optimizer = keras.optimizers.get(optimizer)
+        schedule = learning_rate_schedule(self.config, self.train_rows)
+        if schedule is not None:
+            optimizer.learning_rate = schedule
+        super().compile(optimizer=optimizer, **kwargs)
 
     @property
     def metrics(self):
