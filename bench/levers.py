@@ -60,8 +60,13 @@ def main() -> None:
                 fit, num_users, num_movies, config.replace(shuffle_seed=seed)
             )
             metrics = model_metrics(model, fit, validation)
-            row = {"name": name, "set": overrides, "seed": seed, "fit_seconds": seconds,
-                   **{k: metrics[k] for k in ("hit@10", "recall@10", "ndcg@10", "rmse")}}
+            row = {
+                "name": name,
+                "set": overrides,
+                "seed": seed,
+                "fit_seconds": seconds,
+                **{k: metrics[k] for k in ("hit@10", "recall@10", "ndcg@10", "rmse")},
+            }
             print(json.dumps(row), flush=True)
             with open(args.out, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(row) + "\n")

@@ -57,10 +57,16 @@ def carve_validation(
 
 
 def concat(a: Split, b: Split) -> Split:
-    return Split(*(np.concatenate([x, y]) for x, y in zip(
-        (a.users, a.movies, a.ratings, a.stars), (b.users, b.movies, b.ratings, b.stars),
-        strict=True,
-    )))
+    return Split(
+        *(
+            np.concatenate([x, y])
+            for x, y in zip(
+                (a.users, a.movies, a.ratings, a.stars),
+                (b.users, b.movies, b.ratings, b.stars),
+                strict=True,
+            )
+        )
+    )
 
 
 def load_splits(data_dir: str, work_dir: str, examples_dir: str = "") -> tuple[Split, Split, int]:
@@ -139,8 +145,10 @@ def baseline_rows(
         rows.append({"system": f"EASE lambda={ease.lam:g}", **topk_metrics(top, heldout)})
     bias = BiasModel().fit(fit.users, fit.movies, fit.ratings)
     rows.append(
-        {"system": "user+item bias", **rating_metrics(bias.predict(heldout.users, heldout.movies),
-                                                      heldout)}
+        {
+            "system": "user+item bias",
+            **rating_metrics(bias.predict(heldout.users, heldout.movies), heldout),
+        }
     )
     return rows
 
@@ -179,16 +187,22 @@ def run(
     fit, validation = carve_validation(train)
     num_users = int(max(train.users.max(), test.users.max())) + 1
     ease, grid, reason = tune_ease(fit, validation, num_users, num_movies)
-    report(reason or "EASE validation hit@10 by lambda: " + ", ".join(
-        f"{lam:g}={v:.4f}" for lam, v in grid.items()))
+    report(
+        reason
+        or "EASE validation hit@10 by lambda: "
+        + ", ".join(f"{lam:g}={v:.4f}" for lam, v in grid.items())
+    )
     seen, heldout = (train, test) if on_test else (fit, validation)
     runs = []
     for seed in range(seeds):
         model, seconds = fit_model(fit, num_users, num_movies, config.replace(shuffle_seed=seed))
         metrics = model_metrics(model, seen, heldout)
         runs.append({**metrics, "fit_seconds": seconds})
-        report(f"seed {seed}: " + " ".join(f"{n}={runs[-1][n]:.4f}" for n in METRICS)
-               + f" fit={seconds:.1f}s")
+        report(
+            f"seed {seed}: "
+            + " ".join(f"{n}={runs[-1][n]:.4f}" for n in METRICS)
+            + f" fit={seconds:.1f}s"
+        )
     return mean_std_rows("model", runs) + baseline_rows(fit, seen, heldout, num_users, ease)
 
 
@@ -201,8 +215,9 @@ def main() -> None:
     parser.add_argument("--test", action="store_true", help="final figures on the test split")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    rows = run(args.data_dir, args.work_dir, DEFAULT_TRAINING, args.seeds, args.test,
-               args.examples_dir)
+    rows = run(
+        args.data_dir, args.work_dir, DEFAULT_TRAINING, args.seeds, args.test, args.examples_dir
+    )
     print(f"split: {'test' if args.test else 'validation'}")
     print(format_table(rows))
 

@@ -292,7 +292,7 @@ class EASE:
         scores[:, self._x.sum(axis=0) == 0] = -np.inf  # no training rating: not a candidate
         scores[:, PADDING_ID] = -np.inf
         if exclude_users is not None and exclude_movies is not None:
-            scores[np.asarray(exclude_users, np.int64), np.asarray(exclude_movies, np.int64)] = (
-                -np.inf
-            )
+            scores[
+                np.asarray(exclude_users, np.int64), np.asarray(exclude_movies, np.int64)
+            ] = -np.inf
         return _top_k_rows(scores, k)
