@@ -32,6 +32,23 @@ LEVERS: dict[str, TrainingConfig] = {
     "cosine-e20": BASE.replace(learning_rate_schedule="cosine", epochs=20),
     "dim64": BASE.replace(embedding_dim=64),
     "rating-emb32": BASE.replace(rating_embedding_dim=32),
+    "product": BASE.replace(rating_product_feature=True),
+    "rw20": BASE.replace(ranking_weight=20.0),
+}
+MIX = BASE.replace(
+    retrieval_negatives="mixed", sampled_negatives=1024, disliked_retrieval_weight=0.3
+)
+LEVERS |= {
+    "mix-liked": MIX,
+    "mix-liked-cos20": MIX.replace(learning_rate_schedule="cosine", epochs=20),
+    "mix2048-liked": MIX.replace(sampled_negatives=2048),
+    "mix-liked-c1.5": MIX.replace(sampling_correction_weight=1.5),
+    "mix-liked-c2.5": MIX.replace(sampling_correction_weight=2.5),
+    "hist-mean": BASE.replace(user_history_pooling="mean"),
+    "hist-sqrtn": BASE.replace(user_history_pooling="sqrtn"),
+    "mix-liked-cos20-hist": MIX.replace(
+        learning_rate_schedule="cosine", epochs=20, user_history_pooling="sqrtn"
+    ),
 }
 
 

@@ -92,7 +92,7 @@ def fit_model(fit: Split, num_users: int, num_movies: int, config: TrainingConfi
 
     keras.utils.set_random_seed(config.shuffle_seed)
     counts = np.bincount(fit.movies, minlength=num_movies)
-    model = Recommender(num_users, num_movies, counts, config)
+    model = Recommender(num_users, num_movies, counts, config, user_history=(fit.users, fit.movies))
     model.build_for_ids()
     model.compile(optimizer=make_optimizer(config))
     inputs = {F.USER_ID: fit.users.astype(np.int32), F.MOVIE_ID: fit.movies.astype(np.int32)}

@@ -93,6 +93,7 @@ class PreprocessingConfig(_Section):
 
 RETRIEVAL_NEGATIVES = ("in-batch", "mixed", "full")
 LEARNING_RATE_SCHEDULES = ("constant", "cosine")
+HISTORY_POOLINGS = ("none", "mean", "sqrtn")
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,10 @@ class TrainingConfig(_Section):
     # `disliked_retrieval_weight` in the retrieval loss (1 = every rating is a positive).
     liked_rating: float = 0.75
     disliked_retrieval_weight: float = 1.0
+    # User tower = id embedding + pooled embeddings of the movies the user rated in training
+    # (FISM / YouTube-DNN style item-to-item signal): "none", "mean" or "sqrtn". Needs the
+    # training history passed to the model; a training pair's own movie is left out of its pool.
+    user_history_pooling: str = "none"
     # Extra user/movie embeddings seen only by the rating head (0 = none: it reads the shared ones).
     rating_embedding_dim: int = 0
     optimizer: str = "adam"
@@ -162,6 +167,11 @@ class TrainingConfig(_Section):
             raise ConfigError("retrieval_negatives='mixed' needs sampled_negatives > 0")
         if self.disliked_retrieval_weight < 0:
             raise ConfigError("disliked_retrieval_weight must be >= 0")
+        if self.user_history_pooling not in HISTORY_POOLINGS:
+            raise ConfigError(
+                f"user_history_pooling must be one of {HISTORY_POOLINGS}, "
+                f"got {self.user_history_pooling!r}"
+            )
         if self.learning_rate_schedule not in LEARNING_RATE_SCHEDULES:
             raise ConfigError(
                 f"learning_rate_schedule must be one of {LEARNING_RATE_SCHEDULES}, "

@@ -25,6 +25,7 @@ EXCLUDED_SCORE = -1e9  # score given to excluded candidates before top-k
 NO_MOVIE = -1  # returned id when fewer than k candidates remain after exclusion
 WEIGHTS_FILE = "model.weights.h5"
 SPEC_FILE = "model.json"
+HISTORY_FILE = "user_history.npz"  # the training history the user tower pools, when it does
 
 
 class ExcludingBruteForceRetrieval(keras_rs.layers.BruteForceRetrieval):
@@ -85,6 +86,7 @@ class Recommender(keras.Model):
         num_movies: int,
         movie_counts: np.ndarray,
         config: TrainingConfig,
+        user_history: tuple[np.ndarray, np.ndarray] | None = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -112,6 +114,14 @@ class Recommender(keras.Model):
             np.log(np.clip(counts / max(counts.sum(), 1.0), 1e-9, 1.0)), dtype=tf.float32
         )
         self.train_rows = int(counts.sum())  # sizes the learning-rate schedule
+        self.user_history = None
+        if config.user_history_pooling != "none":
+            if user_history is None:
+                raise ValueError(
+                    f"user_history_pooling={config.user_history_pooling!r} needs user_history "
+                    "(the training split's user and movie ids)"
+                )
+            self.user_history = SeenMovies(*user_history, num_users=self.num_users)
 
         regularizer = keras.regularizers.L2(config.embedding_l2) if config.embedding_l2 else None
         dim = config.embedding_dim
@@ -133,6 +143,10 @@ class Recommender(keras.Model):
                 config.rating_embedding_dim,
                 embeddings_regularizer=regularizer,
                 name="rating_movie_embedding",
+            )
+        if self.user_history is not None:
+            self.history_embedding = keras.layers.Embedding(
+                self.num_movies, dim, embeddings_regularizer=regularizer, name="history_embedding"
             )
         self.rating_head = keras.Sequential(
             [keras.layers.Dense(units, activation="relu") for units in config.rating_hidden_units]
@@ -156,6 +170,8 @@ class Recommender(keras.Model):
     def build(self, input_shape=None):
         self.user_embedding.build((None,))
         self.movie_embedding.build((None,))
+        if self.user_history is not None:
+            self.history_embedding.build((None,))
         if self.config.rating_embedding_dim:
             self.rating_user_embedding.build((None,))
             self.rating_movie_embedding.build((None,))
@@ -168,10 +184,31 @@ class Recommender(keras.Model):
         self.built = True
 
     def call(self, inputs: dict, training: bool = False) -> dict:
-        user = self.user_embedding(inputs[F.USER_ID])
+        # A training pair's movie is in its user's history: leave it out, as it is for test pairs.
+        user = self._user_vector(inputs[F.USER_ID], inputs[F.MOVIE_ID] if training else None)
         movie = self.movie_embedding(inputs[F.MOVIE_ID])
         rating = self._rating(inputs[F.USER_ID], inputs[F.MOVIE_ID], user, movie)
         return {"user_embedding": user, "movie_embedding": movie, F.RATING: rating}
+
+    def _user_vector(self, user_ids, leave_out_movie_ids=None):
+        """User tower: id embedding, plus the pooled history embeddings when configured."""
+        user = self.user_embedding(user_ids)
+        if self.user_history is None:
+            return user
+        history = tf.gather(self.user_history.ragged(), user_ids)
+        rows = history.value_rowids()
+        vectors = self.history_embedding(history.flat_values)
+        counts = tf.cast(history.row_lengths(), "float32")
+        if leave_out_movie_ids is not None:
+            own = tf.cast(
+                tf.equal(history.flat_values, tf.gather(leave_out_movie_ids, rows)), "float32"
+            )
+            vectors = vectors * (1.0 - own)[:, None]
+            counts = counts - tf.math.unsorted_segment_sum(own, rows, tf.shape(user_ids)[0])
+        total = tf.math.unsorted_segment_sum(vectors, rows, tf.shape(user_ids)[0])
+        counts = tf.maximum(counts, 1.0)
+        scale = counts if self.config.user_history_pooling == "mean" else tf.sqrt(counts)
+        return user + total / scale[:, None]
 
     def _rating(self, user_ids, movie_ids, user, movie):
         if self.config.rating_embedding_dim:
@@ -238,10 +275,7 @@ class Recommender(keras.Model):
         column_ids = movie_ids
         columns = movie
         if config.retrieval_negatives == "mixed":
-            sampled = tf.random.uniform(
-                [config.sampled_negatives], 0, len(self.candidate_ids), dtype=tf.int32
-            )
-            sampled_ids = ops.take(self._candidates, sampled)
+            sampled_ids = self._sample_negative_ids()
             column_ids = ops.concatenate([movie_ids, sampled_ids], axis=0)
             columns = ops.concatenate([movie, self.movie_embedding(sampled_ids)], axis=0)
         logits = ops.matmul(user, ops.transpose(columns)) / config.temperature
@@ -258,6 +292,13 @@ class Recommender(keras.Model):
         if config.remove_accidental_hits:
             logits = remove_accidental_hits(logits, labels, column_ids)
         return keras.losses.categorical_crossentropy(labels, logits, from_logits=True)
+
+    def _sample_negative_ids(self):
+        """`sampled_negatives` candidate movie ids drawn uniformly (with replacement)."""
+        sampled = tf.random.uniform(
+            [self.config.sampled_negatives], 0, len(self.candidate_ids), dtype=tf.int32
+        )
+        return ops.take(self._candidates, sampled)
 
     def compile(self, optimizer="adam", **kwargs: Any) -> None:
         """Install the configured learning-rate schedule on the optimizer (sized from the
@@ -286,7 +327,7 @@ class Recommender(keras.Model):
 
     def predict_rating(self, user_ids, movie_ids):
         """Normalised rating in [0, 1]."""
-        user = self.user_embedding(user_ids)
+        user = self._user_vector(user_ids)
         movie = self.movie_embedding(movie_ids)
         return ops.clip(self._rating(user_ids, movie_ids, user, movie), 0.0, 1.0)
 
@@ -323,7 +364,7 @@ class Recommender(keras.Model):
     ):
         """Top-k (scores, movie ids) per user, skipping the movies in `seen` and/or
         `excluded_movie_ids` when given."""
-        query = self.user_embedding(user_ids)
+        query = self._user_vector(user_ids)
         excluded = None
         if seen is not None:
             excluded = self.seen_mask(user_ids, seen)
@@ -345,6 +386,14 @@ class Recommender(keras.Model):
         }
         with open(os.path.join(path, SPEC_FILE), "w", encoding="utf-8") as handle:
             json.dump(spec, handle)
+        if self.user_history is not None:
+            splits = self.user_history.row_splits.numpy()
+            users = np.repeat(np.arange(len(splits) - 1), np.diff(splits))
+            np.savez(
+                os.path.join(path, HISTORY_FILE),
+                user_ids=users,
+                movie_ids=self.user_history.movie_ids.numpy(),
+            )
 
     @classmethod
     def load_artifact(cls, path: str) -> "Recommender":
@@ -355,11 +404,19 @@ class Recommender(keras.Model):
             spec["num_movies"],
             np.asarray(spec["movie_counts"]),
             TrainingConfig.from_dict(spec["config"]),
+            user_history=_load_history(os.path.join(path, HISTORY_FILE)),
         )
         model.build_for_ids()
         model.load_weights(os.path.join(path, WEIGHTS_FILE))
         model.index_candidates()
         return model
+
+
+def _load_history(path: str) -> tuple[np.ndarray, np.ndarray] | None:
+    if not os.path.isfile(path):
+        return None
+    with np.load(path) as data:
+        return data["user_ids"], data["movie_ids"]
 
 
 class SeenMovies(tf.Module):

@@ -1,3 +1,4 @@
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -104,3 +105,113 @@ def test_artifact_round_trip(tmp_path, small_model):
 def test_seen_movies_rejects_unknown_users():
     with pytest.raises(ValueError, match="user ids must be in"):
         SeenMovies(np.array([5]), np.array([1]), num_users=3)
+
+
+def _pair_inputs(user_ids, movie_ids):
+    return {
+        F.USER_ID: tf.constant(user_ids, tf.int32),
+        F.MOVIE_ID: tf.constant(movie_ids, tf.int32),
+    }
+
+
+def test_full_softmax_loss_is_cross_entropy_over_all_candidates():
+    model, users, movies, _ = _tiny_model(retrieval_negatives="full", temperature=0.5)
+    user_ids, movie_ids = np.array([1, 3]), np.array([2, 5])
+    out = model(_pair_inputs(user_ids, movie_ids))
+    loss = float(model._retrieval_loss(tf.constant(movie_ids, tf.int32), out))
+    candidates = np.array([1, 2, 3, 5])  # movie 0 is padding, movie 4 has no training rating
+    logits = users[user_ids] @ movies[candidates].T / 0.5
+    labels = (candidates[None, :] == movie_ids[:, None]).astype(float)
+    assert loss == pytest.approx(_softmax_ce(logits, labels).mean(), rel=1e-5)
+
+
+def test_mixed_negatives_loss_matches_hand_computation(monkeypatch):
+    model, users, movies, counts = _tiny_model(
+        retrieval_negatives="mixed",
+        sampled_negatives=2,
+        temperature=0.5,
+        sampling_correction_weight=1.0,
+        disliked_retrieval_weight=0.25,
+    )
+    monkeypatch.setattr(model, "_sample_negative_ids", lambda: tf.constant([3, 2], tf.int32))
+    user_ids, movie_ids = np.array([1, 2]), np.array([2, 1])
+    ratings = np.array([1.0, 0.5])  # the second is below "liked" (0.75): weight 0.25
+    out = model(_pair_inputs(user_ids, movie_ids))
+    loss = float(model._retrieval_loss(tf.constant(movie_ids, tf.int32), out, tf.constant(ratings)))
+    columns = np.array([2, 1, 3, 2])  # the batch's movies, then the uniform samples
+    logits = users[user_ids] @ movies[columns].T / 0.5
+    # Expected count of each column among the negatives: batch * p(popularity) + samples / N.
+    expected = 2 * counts[columns] / counts.sum() + 2 / 4
+    logits = logits - np.log(expected)[None, :]
+    labels = np.zeros((2, 4))
+    labels[[0, 1], [0, 1]] = 1
+    # Row 0's positive (movie 2) is sampled again at column 3: an accidental hit, masked.
+    logits[0, 3] = -1e9
+    per_row = _softmax_ce(logits, labels)
+    weights = np.array([1.0, 0.25])
+    assert loss == pytest.approx((weights * per_row).sum() / weights.sum(), rel=1e-5)
+
+
+def _history_model(pooling):
+    counts = np.array([0, 2, 1, 1])
+    config = DEFAULT_TRAINING.replace(embedding_dim=2, top_k=2, user_history_pooling=pooling)
+    history = (np.array([1, 1, 1, 2]), np.array([1, 2, 3, 1]))  # user 1 rated 1, 2, 3
+    model = Recommender(3, 4, counts, config, user_history=history)
+    model.build_for_ids()
+    model.user_embedding.embeddings.assign(np.array([[0, 0], [1, 0], [0, 1]], np.float32))
+    model.history_embedding.embeddings.assign(
+        np.array([[0, 0], [1, 1], [2, 0], [0, 4]], np.float32)
+    )
+    return model
+
+
+@pytest.mark.parametrize("pooling", ["mean", "sqrtn"])
+def test_history_pooling_leaves_out_the_training_movie(pooling):
+    model = _history_model(pooling)
+    scale = (lambda n: n) if pooling == "mean" else np.sqrt
+    # Inference: user 1 pools movies 1, 2, 3 = [3, 5]; user 2 movie 1; user 0 has no history.
+    pooled = model._user_vector(tf.constant([1, 2, 0], tf.int32)).numpy()
+    np.testing.assert_allclose(
+        pooled, [[1 + 3 / scale(3), 5 / scale(3)], [1, 2], [0, 0]], atol=1e-6
+    )
+    # Training pairs (1, 2), (1, 3): pool the other two movies; (2, 1): nothing left.
+    left_out = model._user_vector(
+        tf.constant([1, 1, 2], tf.int32), tf.constant([2, 3, 1], tf.int32)
+    ).numpy()
+    np.testing.assert_allclose(
+        left_out,
+        [[1 + 1 / scale(2), 5 / scale(2)], [1 + 3 / scale(2), 1 / scale(2)], [0, 1]],
+        atol=1e-6,
+    )
+
+
+def test_history_model_needs_history_and_round_trips(tmp_path):
+    with pytest.raises(ValueError, match="needs user_history"):
+        Recommender(
+            3, 4, np.array([0, 2, 1, 1]), DEFAULT_TRAINING.replace(user_history_pooling="mean")
+        )
+    model = _history_model("sqrtn")
+    model.index_candidates()
+    model.save_artifact(str(tmp_path))
+    loaded = Recommender.load_artifact(str(tmp_path))
+    users = tf.constant([1, 2], tf.int32)
+    np.testing.assert_allclose(
+        loaded._user_vector(users).numpy(), model._user_vector(users).numpy(), atol=1e-6
+    )
+
+
+def test_cosine_schedule_decays_to_the_final_fraction():
+    counts = np.array([0, 600, 400])  # 1000 training rows: 4 steps per epoch at batch 256
+    config = DEFAULT_TRAINING.replace(
+        learning_rate_schedule="cosine",
+        learning_rate=0.01,
+        final_learning_rate_fraction=0.1,
+        batch_size=256,
+        epochs=2,
+    )
+    model = Recommender(3, 3, counts, config)
+    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
+    schedule = model.optimizer._learning_rate
+    assert float(schedule(0)) == pytest.approx(0.01)
+    assert float(schedule(8)) == pytest.approx(0.001)
+    assert float(schedule(4)) == pytest.approx(0.001 + 0.009 * 0.5)
