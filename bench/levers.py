@@ -44,6 +44,7 @@ LEVERS |= {
     "mix2048-liked": MIX.replace(sampled_negatives=2048),
     "mix-liked-c1.5": MIX.replace(sampling_correction_weight=1.5),
     "mix-liked-c2.5": MIX.replace(sampling_correction_weight=2.5),
+    "side": BASE.replace(use_side_features=True),
     "hist-mean": BASE.replace(user_history_pooling="mean"),
     "hist-sqrtn": BASE.replace(user_history_pooling="sqrtn"),
     "mix-liked-cos20-hist": MIX.replace(

@@ -37,6 +37,7 @@ from components.config import DEFAULT_TRAINING, PreprocessingConfig, TrainingCon
 from components.evaluation import Split, rating_metrics, topk_metrics
 from components.report import format_table
 
+DEFAULT_DATA_DIR = "/work/shared/data/ml-100k"
 VALIDATION_FRACTION = 0.1
 VALIDATION_SEED = 7
 K = 10
@@ -81,18 +82,31 @@ def load_splits(data_dir: str, work_dir: str, examples_dir: str = "") -> tuple[S
     return train, test, int(stats["max_movie_id"]) + 1
 
 
-def fit_model(fit: Split, num_users: int, num_movies: int, config: TrainingConfig):
+def fit_model(
+    fit: Split,
+    num_users: int,
+    num_movies: int,
+    config: TrainingConfig,
+    data_dir: str = DEFAULT_DATA_DIR,
+):
     """Train the Recommender as `components.training.train_model` does, from numpy rows (so a
     validation carve-out needs no preprocessing run); returns (model, fit seconds)."""
     import keras
     import tensorflow as tf
 
     from components.model import Recommender
+    from components.side_features import load_side_features
     from components.training import make_optimizer
 
     keras.utils.set_random_seed(config.shuffle_seed)
     counts = np.bincount(fit.movies, minlength=num_movies)
-    model = Recommender(num_users, num_movies, counts, config, user_history=(fit.users, fit.movies))
+    features = {}
+    if config.use_side_features:
+        user_features, movie_features = load_side_features(data_dir, num_users, num_movies)
+        features = {"user_features": user_features, "movie_features": movie_features}
+    model = Recommender(
+        num_users, num_movies, counts, config, user_history=(fit.users, fit.movies), **features
+    )
     model.build_for_ids()
     model.compile(optimizer=make_optimizer(config))
     inputs = {F.USER_ID: fit.users.astype(np.int32), F.MOVIE_ID: fit.movies.astype(np.int32)}

@@ -128,6 +128,9 @@ class TrainingConfig(_Section):
     # (FISM / YouTube-DNN style item-to-item signal): "none", "mean" or "sqrtn". Needs the
     # training history passed to the model; a training pair's own movie is left out of its pool.
     user_history_pooling: str = "none"
+    # Add a linear projection of the user's (age, gender, occupation) and the movie's (genres,
+    # release year) one-hot side features to the towers; the arrays are passed to the model.
+    use_side_features: bool = False
     # Extra user/movie embeddings seen only by the rating head (0 = none: it reads the shared ones).
     rating_embedding_dim: int = 0
     optimizer: str = "adam"

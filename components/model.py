@@ -26,6 +26,7 @@ NO_MOVIE = -1  # returned id when fewer than k candidates remain after exclusion
 WEIGHTS_FILE = "model.weights.h5"
 SPEC_FILE = "model.json"
 HISTORY_FILE = "user_history.npz"  # the training history the user tower pools, when it does
+FEATURES_FILE = "side_features.npz"  # id-indexed user and movie side features, when used
 
 
 class ExcludingBruteForceRetrieval(keras_rs.layers.BruteForceRetrieval):
@@ -87,6 +88,8 @@ class Recommender(keras.Model):
         movie_counts: np.ndarray,
         config: TrainingConfig,
         user_history: tuple[np.ndarray, np.ndarray] | None = None,
+        user_features: np.ndarray | None = None,
+        movie_features: np.ndarray | None = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -122,6 +125,18 @@ class Recommender(keras.Model):
                     "(the training split's user and movie ids)"
                 )
             self.user_history = SeenMovies(*user_history, num_users=self.num_users)
+        self.user_features = self.movie_features = None
+        if config.use_side_features:
+            if user_features is None or movie_features is None:
+                raise ValueError("use_side_features needs user_features and movie_features")
+            for name, table, rows in (
+                ("user_features", user_features, self.num_users),
+                ("movie_features", movie_features, self.num_movies),
+            ):
+                if np.ndim(table) != 2 or len(table) != rows:
+                    raise ValueError(f"{name} must be [{rows}, n], got {np.shape(table)}")
+            self.user_features = tf.constant(user_features, tf.float32)
+            self.movie_features = tf.constant(movie_features, tf.float32)
 
         regularizer = keras.regularizers.L2(config.embedding_l2) if config.embedding_l2 else None
         dim = config.embedding_dim
@@ -148,6 +163,13 @@ class Recommender(keras.Model):
             self.history_embedding = keras.layers.Embedding(
                 self.num_movies, dim, embeddings_regularizer=regularizer, name="history_embedding"
             )
+        if config.use_side_features:
+            self.user_feature_projection = keras.layers.Dense(
+                dim, use_bias=False, kernel_regularizer=regularizer, name="user_features"
+            )
+            self.movie_feature_projection = keras.layers.Dense(
+                dim, use_bias=False, kernel_regularizer=regularizer, name="movie_features"
+            )
         self.rating_head = keras.Sequential(
             [keras.layers.Dense(units, activation="relu") for units in config.rating_hidden_units]
             + [keras.layers.Dense(1)],
@@ -172,6 +194,9 @@ class Recommender(keras.Model):
         self.movie_embedding.build((None,))
         if self.user_history is not None:
             self.history_embedding.build((None,))
+        if self.config.use_side_features:
+            self.user_feature_projection.build((None, self.user_features.shape[1]))
+            self.movie_feature_projection.build((None, self.movie_features.shape[1]))
         if self.config.rating_embedding_dim:
             self.rating_user_embedding.build((None,))
             self.rating_movie_embedding.build((None,))
@@ -186,13 +211,22 @@ class Recommender(keras.Model):
     def call(self, inputs: dict, training: bool = False) -> dict:
         # A training pair's movie is in its user's history: leave it out, as it is for test pairs.
         user = self._user_vector(inputs[F.USER_ID], inputs[F.MOVIE_ID] if training else None)
-        movie = self.movie_embedding(inputs[F.MOVIE_ID])
+        movie = self._movie_vector(inputs[F.MOVIE_ID])
         rating = self._rating(inputs[F.USER_ID], inputs[F.MOVIE_ID], user, movie)
         return {"user_embedding": user, "movie_embedding": movie, F.RATING: rating}
+
+    def _movie_vector(self, movie_ids):
+        """Movie tower: id embedding, plus projected side features when configured."""
+        movie = self.movie_embedding(movie_ids)
+        if self.movie_features is not None:
+            movie = movie + self.movie_feature_projection(tf.gather(self.movie_features, movie_ids))
+        return movie
 
     def _user_vector(self, user_ids, leave_out_movie_ids=None):
         """User tower: id embedding, plus the pooled history embeddings when configured."""
         user = self.user_embedding(user_ids)
+        if self.user_features is not None:
+            user = user + self.user_feature_projection(tf.gather(self.user_features, user_ids))
         if self.user_history is None:
             return user
         history = tf.gather(self.user_history.ragged(), user_ids)
@@ -262,7 +296,7 @@ class Recommender(keras.Model):
 
     def _full_softmax_loss(self, user, movie_ids):
         """Cross-entropy over every candidate: no sampling, hence no sampling-bias correction."""
-        candidates = self.movie_embedding(self._candidates)
+        candidates = self._movie_vector(self._candidates)
         logits = ops.matmul(user, ops.transpose(candidates)) / self.config.temperature
         labels = ops.take(self._candidate_position, movie_ids)
         return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
@@ -277,7 +311,7 @@ class Recommender(keras.Model):
         if config.retrieval_negatives == "mixed":
             sampled_ids = self._sample_negative_ids()
             column_ids = ops.concatenate([movie_ids, sampled_ids], axis=0)
-            columns = ops.concatenate([movie, self.movie_embedding(sampled_ids)], axis=0)
+            columns = ops.concatenate([movie, self._movie_vector(sampled_ids)], axis=0)
         logits = ops.matmul(user, ops.transpose(columns)) / config.temperature
         labels = ops.one_hot(ops.arange(batch), ops.shape(logits)[1], dtype=logits.dtype)
         if config.sampling_correction_weight:
@@ -322,13 +356,13 @@ class Recommender(keras.Model):
 
     def index_candidates(self) -> None:
         """Copy the trained movie embeddings of the candidates into the retrieval layer."""
-        embeddings = ops.take(self.movie_embedding.embeddings, self.candidate_ids, axis=0)
+        embeddings = self._movie_vector(self._candidates)
         self.retrieval.update_candidates(embeddings, self.candidate_ids)
 
     def predict_rating(self, user_ids, movie_ids):
         """Normalised rating in [0, 1]."""
         user = self._user_vector(user_ids)
-        movie = self.movie_embedding(movie_ids)
+        movie = self._movie_vector(movie_ids)
         return ops.clip(self._rating(user_ids, movie_ids, user, movie), 0.0, 1.0)
 
     def _mask(self, rows, movie_ids, batch):
@@ -386,6 +420,12 @@ class Recommender(keras.Model):
         }
         with open(os.path.join(path, SPEC_FILE), "w", encoding="utf-8") as handle:
             json.dump(spec, handle)
+        if self.user_features is not None:
+            np.savez(
+                os.path.join(path, FEATURES_FILE),
+                user_features=self.user_features.numpy(),
+                movie_features=self.movie_features.numpy(),
+            )
         if self.user_history is not None:
             splits = self.user_history.row_splits.numpy()
             users = np.repeat(np.arange(len(splits) - 1), np.diff(splits))
@@ -405,6 +445,7 @@ class Recommender(keras.Model):
             np.asarray(spec["movie_counts"]),
             TrainingConfig.from_dict(spec["config"]),
             user_history=_load_history(os.path.join(path, HISTORY_FILE)),
+            **_load_features(os.path.join(path, FEATURES_FILE)),
         )
         model.build_for_ids()
         model.load_weights(os.path.join(path, WEIGHTS_FILE))
@@ -417,6 +458,13 @@ def _load_history(path: str) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     with np.load(path) as data:
         return data["user_ids"], data["movie_ids"]
+
+
+def _load_features(path: str) -> dict[str, np.ndarray]:
+    if not os.path.isfile(path):
+        return {}
+    with np.load(path) as data:
+        return {name: data[name] for name in ("user_features", "movie_features")}
 
 
 class SeenMovies(tf.Module):

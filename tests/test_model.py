@@ -6,6 +6,13 @@ import tensorflow as tf
 from components import features as F
 from components.config import DEFAULT_TRAINING
 from components.model import NO_MOVIE, Recommender, SeenMovies
+from components.side_features import (
+    AGE_EDGES,
+    NUM_GENRES,
+    YEAR_EDGES,
+    movie_features,
+    user_features,
+)
 
 
 def _tiny_model(**changes):
@@ -215,3 +222,46 @@ def test_cosine_schedule_decays_to_the_final_fraction():
     assert float(schedule(0)) == pytest.approx(0.01)
     assert float(schedule(8)) == pytest.approx(0.001)
     assert float(schedule(4)) == pytest.approx(0.001 + 0.009 * 0.5)
+
+
+def test_side_feature_loaders_one_hot_encode():
+    item = "2|GoldenEye (1995)|01-Jan-1995||http://x|" + "|".join(["0", "1"] + ["0"] * 17) + "\n"
+    movies = movie_features([item, "bad line\n"], num_movies=4)
+    assert movies.shape == (4, NUM_GENRES + len(YEAR_EDGES) + 1)
+    assert movies[2, 1] == 1.0 and movies[2, :NUM_GENRES].sum() == 1.0
+    assert movies[2, NUM_GENRES + np.digitize(1995, YEAR_EDGES)] == 1.0
+    assert movies[[0, 1, 3]].sum() == 0.0  # padding and movies absent from u.item: zeros
+    users = user_features(["1|24|M|writer|85711\n", "2|x|?|none|0\n"], ["artist", "writer"], 3)
+    # age 24 -> bucket 1 (18..24), "M" -> first gender slot, "writer" -> second occupation.
+    np.testing.assert_array_equal(np.flatnonzero(users[1]), [1, len(AGE_EDGES) + 1, 10])
+    assert users[2].sum() == 0.0
+
+
+def test_side_features_enter_both_towers(tmp_path):
+    user_table = np.eye(4, 2, dtype=np.float32)  # user 0 -> [1, 0], user 1 -> [0, 1]
+    movie_table = np.ones((6, 3), np.float32)
+    model, users, movies, counts = _tiny_model(use_side_features=False)
+    config = model.config.replace(use_side_features=True)
+    with pytest.raises(ValueError, match="needs user_features"):
+        Recommender(4, 6, counts, config)
+    model = Recommender(4, 6, counts, config, user_features=user_table, movie_features=movie_table)
+    model.build_for_ids()
+    user_projection = np.array([[2.0, 0.0], [0.0, 3.0]], np.float32)
+    movie_projection = np.full((3, 2), 0.5, np.float32)
+    model.user_feature_projection.kernel.assign(user_projection)
+    model.movie_feature_projection.kernel.assign(movie_projection)
+    ids = tf.constant([1, 2], tf.int32)
+    np.testing.assert_allclose(
+        model._user_vector(ids).numpy(),
+        model.user_embedding(ids).numpy() + user_table[[1, 2]] @ user_projection,
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        model._movie_vector(ids).numpy(), model.movie_embedding(ids).numpy() + 1.5, atol=1e-6
+    )
+    model.index_candidates()
+    model.save_artifact(str(tmp_path))
+    loaded = Recommender.load_artifact(str(tmp_path))
+    np.testing.assert_allclose(
+        loaded.predict_rating(ids, ids).numpy(), model.predict_rating(ids, ids).numpy(), atol=1e-6
+    )
