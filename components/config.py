@@ -109,6 +109,9 @@ class TrainingConfig(_Section):
     embedding_l2: float = (
         1e-3  # L2 on both embedding tables: helps hit@10 and RMSE (bench/quality.py)
     )
+    # L2 on the learned user and movie rating biases: shrinks the biases of rarely rated ids
+    # (the bias baseline's ridge); 0 = unregularised as before.
+    bias_l2: float = 0.0
     retrieval_weight: float = 1.0
     ranking_weight: float = 10.0
     retrieval_loss_reduction: str = "mean"  # the seed sums the in-batch cross-entropy

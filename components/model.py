@@ -164,11 +164,21 @@ class Recommender(keras.Model):
                 self.num_movies, dim, embeddings_regularizer=regularizer, name="history_embedding"
             )
         if config.use_side_features:
+            # Zero start: the towers begin as the id-only model (a Glorot start makes feature
+            # vectors ~10x the embeddings', which at temperature 0.05 saturates the softmax).
             self.user_feature_projection = keras.layers.Dense(
-                dim, use_bias=False, kernel_regularizer=regularizer, name="user_features"
+                dim,
+                use_bias=False,
+                kernel_initializer="zeros",
+                kernel_regularizer=regularizer,
+                name="user_features",
             )
             self.movie_feature_projection = keras.layers.Dense(
-                dim, use_bias=False, kernel_regularizer=regularizer, name="movie_features"
+                dim,
+                use_bias=False,
+                kernel_initializer="zeros",
+                kernel_regularizer=regularizer,
+                name="movie_features",
             )
         self.rating_head = keras.Sequential(
             [keras.layers.Dense(units, activation="relu") for units in config.rating_hidden_units]
@@ -176,11 +186,20 @@ class Recommender(keras.Model):
             name="rating_head",
         )
         if config.use_bias_terms:
+            bias_regularizer = keras.regularizers.L2(config.bias_l2) if config.bias_l2 else None
             self.user_bias = keras.layers.Embedding(
-                self.num_users, 1, embeddings_initializer="zeros", name="user_bias"
+                self.num_users,
+                1,
+                embeddings_initializer="zeros",
+                embeddings_regularizer=bias_regularizer,
+                name="user_bias",
             )
             self.movie_bias = keras.layers.Embedding(
-                self.num_movies, 1, embeddings_initializer="zeros", name="movie_bias"
+                self.num_movies,
+                1,
+                embeddings_initializer="zeros",
+                embeddings_regularizer=bias_regularizer,
+                name="movie_bias",
             )
         self.retrieval = ExcludingBruteForceRetrieval(k=config.top_k, name="retrieval")
         self.retrieval_loss_tracker = keras.metrics.Mean(name="retrieval_loss")
