@@ -92,6 +92,7 @@ def main() -> None:
                 "set": overrides,
                 "seed": seed,
                 "fit_seconds": seconds,
+                "fit_cpu_seconds": model.fit_cpu_seconds,
                 **{k: metrics[k] for k in ("hit@10", "recall@10", "ndcg@10", "rmse")},
             }
             print(json.dumps(row), flush=True)
