@@ -54,6 +54,14 @@ LEVERS |= {
     "mc20-bias1e-3": MIX.replace(learning_rate_schedule="cosine", epochs=20, bias_l2=1e-3),
     "mc20-bias1e-2": MIX.replace(learning_rate_schedule="cosine", epochs=20, bias_l2=1e-2),
     "mc16": MIX.replace(learning_rate_schedule="cosine", epochs=16),
+    "mc20-product": MIX.replace(
+        learning_rate_schedule="cosine", epochs=20, rating_product_feature=True
+    ),
+    "mc20-linear": MIX.replace(learning_rate_schedule="cosine", epochs=20, rating_hidden_units=()),
+    "mc20-rw5": MIX.replace(learning_rate_schedule="cosine", epochs=20, ranking_weight=5.0),
+    "mc20-h128": MIX.replace(
+        learning_rate_schedule="cosine", epochs=20, rating_hidden_units=(128,)
+    ),
     "hist-mean": BASE.replace(user_history_pooling="mean"),
     "hist-sqrtn": BASE.replace(user_history_pooling="sqrtn"),
     "mix-liked-cos20-hist": MIX.replace(

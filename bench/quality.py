@@ -25,6 +25,7 @@ from collections.abc import Callable
 import numpy as np
 
 from components import features as F
+from components import metrics as M
 from components.baselines import (
     EASE,
     EASE_LAMBDAS,
@@ -42,6 +43,8 @@ VALIDATION_FRACTION = 0.1
 VALIDATION_SEED = 7
 K = 10
 METRICS = ("hit@10", "recall@10", "ndcg@10", "rmse")
+MAX_RMSE = 0.2225  # issue 10's rating target (normalised units)
+MAX_FIT_SECONDS = 60.0
 
 
 def _take(split: Split, rows: np.ndarray) -> Split:
@@ -148,26 +151,58 @@ def tune_ease(
     return ease.set_lambda(choose_by_validation(scores)), scores, None
 
 
-def baseline_rows(
-    fit: Split, seen: Split, heldout: Split, num_rows: int, ease: EASE | None
-) -> list[dict]:
-    """Popularity, EASE and the bias model on `heldout` (all fitted on `fit`)."""
+def baseline_tops(fit: Split, seen: Split, num_rows: int, ease: EASE | None) -> dict:
+    """Top-10 matrices of popularity and EASE (fitted on `fit`, `seen` excluded)."""
     pop = popularity_top_k(
         fit.users, fit.movies, num_rows, len(np.unique(fit.movies)), exclude_seen=False
     )
-    pop = _exclude_and_cut(pop, seen, K)
-    rows = [{"system": "popularity", **topk_metrics(pop, heldout)}]
+    tops = {"popularity": _exclude_and_cut(pop, seen, K)}
     if ease is not None:
-        top = ease.top_k(K, seen.users, seen.movies)
-        rows.append({"system": f"EASE lambda={ease.lam:g}", **topk_metrics(top, heldout)})
+        tops[f"EASE lambda={ease.lam:g}"] = ease.top_k(K, seen.users, seen.movies)
+    return tops
+
+
+def baseline_rows(fit: Split, heldout: Split, tops: dict[str, np.ndarray]) -> list[dict]:
+    """Top-k baselines' metrics on `heldout`, then the bias model's RMSE (fitted on `fit`)."""
+    rows = [{"system": name, **topk_metrics(top, heldout)} for name, top in tops.items()]
     bias = BiasModel().fit(fit.users, fit.movies, fit.ratings)
-    rows.append(
-        {
-            "system": "user+item bias",
-            **rating_metrics(bias.predict(heldout.users, heldout.movies), heldout),
-        }
-    )
+    predicted = bias.predict(heldout.users, heldout.movies)
+    rows.append({"system": "user+item bias", **rating_metrics(predicted, heldout)})
     return rows
+
+
+def beyond_accuracy(
+    tops: dict[str, np.ndarray], fit: Split, seen: Split, heldout: Split
+) -> tuple[list[dict], list[dict]]:
+    """(coverage@10 and novelty@10 per system, hit/recall/NDCG@10 per user-activity and
+    item-popularity slice per system), all from `components.metrics`."""
+    rows_evaluated = np.unique(heldout.users)
+    num_candidates = len(np.unique(fit.movies))
+    num_rows = next(iter(tops.values())).shape[0]
+    user_bucket = M.bucket_by_edges(np.bincount(seen.users, minlength=num_rows))
+    item_bucket = M.popularity_buckets(np.bincount(fit.movies))
+    item_bucket = np.concatenate(
+        [item_bucket, np.full(max(0, heldout.movies.max() + 1 - len(item_bucket)), 2)]
+    )
+    summary, slices = [], []
+    for name, top in tops.items():
+        summary.append(
+            {
+                "system": name,
+                "coverage@10": M.coverage_at_k(top, rows_evaluated, num_candidates, K),
+                "novelty@10": M.novelty_at_k(top, rows_evaluated, fit.users, fit.movies, K),
+            }
+        )
+        for kind, row_slice, labels in (
+            ("users", user_bucket[heldout.users], M.bucket_labels()),
+            ("items", item_bucket[heldout.movies], M.POPULARITY_LABELS),
+        ):
+            per = M.sliced_topk_metrics(
+                top, heldout.users, heldout.movies, heldout.stars, row_slice, labels, K
+            )
+            for label, values in per.items():
+                slices.append({"system": name, "slice": f"{kind} {label}", **values})
+    return summary, slices
 
 
 def _exclude_and_cut(ranked: np.ndarray, seen: Split, k: int) -> np.ndarray:
@@ -198,8 +233,12 @@ def run(
     on_test: bool,
     examples_dir: str = "",
     report: Callable[[str], None] = print,
-) -> list[dict]:
-    """Model (each seed) + baselines on validation, or on test when `on_test`."""
+) -> dict[str, list[dict]]:
+    """Model (each seed) + baselines on validation, or on test when `on_test`; returns tables
+    "accuracy", "beyond" (coverage, novelty) and "slices" (first seed's model vs baselines)."""
+    from components.evaluation import model_top_k
+    from components.model import SeenMovies
+
     train, test, num_movies = load_splits(data_dir, work_dir, examples_dir)
     fit, validation = carve_validation(train)
     num_users = int(max(train.users.max(), test.users.max())) + 1
@@ -210,17 +249,52 @@ def run(
         + ", ".join(f"{lam:g}={v:.4f}" for lam, v in grid.items())
     )
     seen, heldout = (train, test) if on_test else (fit, validation)
-    runs = []
+    runs, tops = [], {}
     for seed in range(seeds):
-        model, seconds = fit_model(fit, num_users, num_movies, config.replace(shuffle_seed=seed))
+        model, seconds = fit_model(
+            fit, num_users, num_movies, config.replace(shuffle_seed=seed), data_dir
+        )
         metrics = model_metrics(model, seen, heldout)
         runs.append({**metrics, "fit_seconds": seconds, "fit_cpu_seconds": model.fit_cpu_seconds})
         report(
             f"seed {seed}: "
             + " ".join(f"{n}={runs[-1][n]:.4f}" for n in METRICS)
-            + f" fit={seconds:.1f}s"
+            + f" fit={seconds:.1f}s (cpu {model.fit_cpu_seconds:.1f}s)"
         )
-    return mean_std_rows("model", runs) + baseline_rows(fit, seen, heldout, num_users, ease)
+        if seed == 0:
+            tops["model (seed 0)"] = model_top_k(
+                model, K, SeenMovies(seen.users, seen.movies, model.num_users)
+            )
+    tops |= baseline_tops(fit, seen, num_users, ease)
+    accuracy = mean_std_rows("model", runs) + baseline_rows(
+        fit, heldout, {k: v for k, v in tops.items() if not k.startswith("model")}
+    )
+    beyond, slices = beyond_accuracy(tops, fit, seen, heldout)
+    return {"accuracy": accuracy, "beyond": beyond, "slices": slices}
+
+
+def verdict(accuracy: list[dict]) -> list[str]:
+    """The issue-10 gate, read off the accuracy table: model mean vs EASE, RMSE, fit time."""
+    model = accuracy[0]
+    ease = next((r for r in accuracy if r["system"].startswith("EASE")), None)
+    lines = []
+    if ease is None:
+        lines.append("EASE: skipped")
+    else:
+        for name in ("hit@10", "recall@10", "ndcg@10"):
+            beats = model[name] > ease[name]
+            lines.append(
+                f"{name}: model {model[name]:.4f} vs EASE {ease[name]:.4f} "
+                f"{'BEATS' if beats else 'does NOT beat'}"
+            )
+    lines.append(
+        f"rmse: {model['rmse']:.4f} {'<=' if model['rmse'] <= MAX_RMSE else '>'} {MAX_RMSE}"
+    )
+    lines.append(
+        f"fit: {model['fit_seconds']:.1f}s wall (limit {MAX_FIT_SECONDS}s on 2 cores), "
+        f"{model['fit_cpu_seconds']:.1f}s CPU"
+    )
+    return lines
 
 
 def main() -> None:
@@ -232,11 +306,15 @@ def main() -> None:
     parser.add_argument("--test", action="store_true", help="final figures on the test split")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    rows = run(
+    tables = run(
         args.data_dir, args.work_dir, DEFAULT_TRAINING, args.seeds, args.test, args.examples_dir
     )
     print(f"split: {'test' if args.test else 'validation'}")
-    print(format_table(rows))
+    for name, rows in tables.items():
+        print(f"\n{name}:")
+        print(format_table(rows))
+    print()
+    print("\n".join(verdict(tables["accuracy"])))
 
 
 if __name__ == "__main__":
