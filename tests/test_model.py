@@ -17,6 +17,14 @@ from components.side_features import (
 
 def _tiny_model(**changes):
     counts = np.array([0, 5, 3, 2, 0, 1])  # movie 4 never rated in training: not a candidate
+    # Hand computations below assume in-batch negatives and retrieval order unless told.
+    changes = {
+        "retrieval_negatives": "in-batch",
+        "sampled_negatives": 0,
+        "disliked_retrieval_weight": 1.0,
+        "rerank_pool": 0,
+        **changes,
+    }
     config = DEFAULT_TRAINING.replace(embedding_dim=2, top_k=3, **changes)
     model = Recommender(num_users=4, num_movies=6, movie_counts=counts, config=config)
     model.build_for_ids()
@@ -265,3 +273,23 @@ def test_side_features_enter_both_towers(tmp_path):
     np.testing.assert_allclose(
         loaded.predict_rating(ids, ids).numpy(), model.predict_rating(ids, ids).numpy(), atol=1e-6
     )
+
+
+def test_rerank_reorders_the_pool_by_logit_plus_rating():
+    model, users, movies, _ = _tiny_model(
+        rerank_pool=2, rerank_rating_weight=100.0, temperature=1.0
+    )
+    user = tf.constant([3], tf.int32)
+    # Retrieval for user 3 = [1, 1]: movie 1 (3) first, then movies 2 and 3 (2 each).
+    _, retrieved = _tiny_model(temperature=1.0)[0].recommend(user, k=3)
+    scores, ids = model.recommend(user, k=3)
+    ratings = model.predict_rating(tf.constant([3, 3, 3]), retrieved[0]).numpy()
+    logits = users[3] @ movies[retrieved.numpy()[0]].T
+    combined = logits + 100.0 * ratings
+    head = np.argsort(-combined[:2], kind="stable")
+    np.testing.assert_array_equal(ids.numpy()[0, :2], retrieved.numpy()[0, head])
+    assert ids.numpy()[0, 2] == retrieved.numpy()[0, 2]  # beyond the pool: retrieval order
+    np.testing.assert_allclose(scores.numpy()[0, :2], combined[head], rtol=1e-5)
+    # k beyond the pool, and a fully excluded catalogue still pads with NO_MOVIE.
+    _, ids = model.recommend(user, k=4, excluded_movie_ids=tf.constant([[1, 2, 3, 5]], tf.int32))
+    assert ids.numpy().tolist() == [[NO_MOVIE] * 4]
