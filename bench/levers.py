@@ -62,6 +62,11 @@ LEVERS |= {
     "mc20-h128": MIX.replace(
         learning_rate_schedule="cosine", epochs=20, rating_hidden_units=(128,)
     ),
+    "final": DEFAULT_TRAINING,
+    "final-rerank0": DEFAULT_TRAINING.replace(rerank_pool=0),
+    "final-drop0.2": DEFAULT_TRAINING.replace(rating_dropout=0.2),
+    "final-drop0.5": DEFAULT_TRAINING.replace(rating_dropout=0.5),
+    "final-l2-2e-3": DEFAULT_TRAINING.replace(embedding_l2=2e-3),
     "hist-mean": BASE.replace(user_history_pooling="mean"),
     "hist-sqrtn": BASE.replace(user_history_pooling="sqrtn"),
     "mix-liked-cos20-hist": MIX.replace(

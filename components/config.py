@@ -105,6 +105,7 @@ class TrainingConfig(_Section):
     # Feed the element-wise product user*movie to the rating head besides the concatenation
     # (the GMF/NCF interaction a plain MLP on [user, movie] learns poorly).
     rating_product_feature: bool = False
+    rating_dropout: float = 0.0  # dropout after each hidden layer of the rating head
     use_bias_terms: bool = True  # learned global, user and movie biases in the rating head
     embedding_l2: float = (
         1e-3  # L2 on both embedding tables: helps hit@10 and RMSE (bench/quality.py)
@@ -176,6 +177,8 @@ class TrainingConfig(_Section):
             raise ConfigError("sampled_negatives, rating_embedding_dim, rerank_pool must be >= 0")
         if self.retrieval_negatives == "mixed" and self.sampled_negatives == 0:
             raise ConfigError("retrieval_negatives='mixed' needs sampled_negatives > 0")
+        if not 0.0 <= self.rating_dropout < 1.0:
+            raise ConfigError(f"rating_dropout must be in [0, 1), got {self.rating_dropout}")
         if self.disliked_retrieval_weight < 0:
             raise ConfigError("disliked_retrieval_weight must be >= 0")
         if self.user_history_pooling not in HISTORY_POOLINGS:

@@ -181,7 +181,18 @@ class Recommender(keras.Model):
                 name="movie_features",
             )
         self.rating_head = keras.Sequential(
-            [keras.layers.Dense(units, activation="relu") for units in config.rating_hidden_units]
+            [
+                layer
+                for units in config.rating_hidden_units
+                for layer in (
+                    [keras.layers.Dense(units, activation="relu")]
+                    + (
+                        [keras.layers.Dropout(config.rating_dropout)]
+                        if config.rating_dropout
+                        else []
+                    )
+                )
+            ]
             + [keras.layers.Dense(1)],
             name="rating_head",
         )
@@ -231,7 +242,7 @@ class Recommender(keras.Model):
         # A training pair's movie is in its user's history: leave it out, as it is for test pairs.
         user = self._user_vector(inputs[F.USER_ID], inputs[F.MOVIE_ID] if training else None)
         movie = self._movie_vector(inputs[F.MOVIE_ID])
-        rating = self._rating(inputs[F.USER_ID], inputs[F.MOVIE_ID], user, movie)
+        rating = self._rating(inputs[F.USER_ID], inputs[F.MOVIE_ID], user, movie, training)
         return {"user_embedding": user, "movie_embedding": movie, F.RATING: rating}
 
     def _movie_vector(self, movie_ids):
@@ -263,14 +274,14 @@ class Recommender(keras.Model):
         scale = counts if self.config.user_history_pooling == "mean" else tf.sqrt(counts)
         return user + total / scale[:, None]
 
-    def _rating(self, user_ids, movie_ids, user, movie):
+    def _rating(self, user_ids, movie_ids, user, movie, training: bool = False):
         if self.config.rating_embedding_dim:
             user = ops.concatenate([user, self.rating_user_embedding(user_ids)], axis=-1)
             movie = ops.concatenate([movie, self.rating_movie_embedding(movie_ids)], axis=-1)
         features = [user, movie]
         if self.config.rating_product_feature:
             features.append(user * movie)
-        rating = self.rating_head(ops.concatenate(features, axis=-1))[:, 0]
+        rating = self.rating_head(ops.concatenate(features, axis=-1), training=training)[:, 0]
         if self.config.use_bias_terms:
             rating = rating + self.user_bias(user_ids)[:, 0] + self.movie_bias(movie_ids)[:, 0]
         return rating
@@ -359,7 +370,10 @@ class Recommender(keras.Model):
         optimizer = keras.optimizers.get(optimizer)
         schedule = learning_rate_schedule(self.config, self.train_rows)
         if schedule is not None:
-            optimizer.learning_rate = schedule
+            # A new optimizer of the same kind: assigning a schedule to a built one untracks its
+            # learning-rate variable, which makes the model unexportable as a SavedModel.
+            settings = optimizer.get_config() | {"learning_rate": schedule}
+            optimizer = type(optimizer).from_config(settings)
         super().compile(optimizer=optimizer, **kwargs)
 
     @property
