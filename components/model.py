@@ -1,11 +1,14 @@
 """The multi-task recommender: one Keras 3 model (TF backend, keras-rs) for retrieval and rating.
 
-User and movie embeddings feed two heads:
-- retrieval: in-batch softmax over the batch's movies (optionally with the logQ sampling-bias
-  correction and accidental-hit removal keras-rs offers), top-k via `BruteForceRetrieval`;
+User and movie towers (id embeddings; optionally pooled training history and side features)
+feed two heads:
+- retrieval: softmax over negatives (the batch's movies with the logQ sampling-bias correction,
+  mixed with uniformly sampled movies, or the whole catalogue), positives weighted by rating;
+  top-k via `BruteForceRetrieval`, optionally re-ranked with the rating head (retrieve-then-rank);
 - ranking: a dense head on the concatenated embeddings (plus optional learned biases) predicts the
   normalised rating, trained with MSE.
-Loss = retrieval_weight * retrieval CE + ranking_weight * MSE.
+Loss = retrieval_weight * retrieval CE + ranking_weight * MSE. The learning-rate schedule is
+installed at compile time from the config, so the training loop stays a plain `fit`.
 """
 
 import json
