@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components.baselines import BiasModel, global_mean_predict, popularity_top_k
+from components.baselines import EASE, BiasModel, global_mean_predict, popularity_top_k
 from components.metrics import hit_rate_curve, ndcg_at_k, recall_at_k, rmse
 
 DEFAULT_DATA = "/work/shared/data/ml-100k/u.data"
@@ -33,25 +33,6 @@ def split(n: int, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
     perm = np.random.default_rng(seed).permutation(n)
     n_test = int(round(n * TEST_FRACTION))
     return perm[n_test:], perm[:n_test]
-
-
-def ease_top_k(
-    users: np.ndarray, movies: np.ndarray, num_rows: int, num_items: int, k: int, lam: float
-) -> np.ndarray:
-    """EASE (Steck 2019): B = I - P diagMat(1/diag(P)), P = (X^T X + lam I)^-1; seen excluded."""
-    x = np.zeros((num_rows, num_items), dtype=np.float64)
-    x[users, movies] = 1.0
-    g = x.T @ x
-    g[np.diag_indices_from(g)] += lam
-    p = np.linalg.inv(g)
-    b = -p / np.diag(p)
-    b[np.diag_indices_from(b)] = 0.0
-    scores = x @ b
-    scores[x > 0] = -np.inf
-    scores[:, 0] = -np.inf  # padding id
-    top = np.argpartition(-scores, k, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(top, order, axis=1)
 
 
 def topk_figures(name: str, top: np.ndarray, u: np.ndarray, m: np.ndarray, s: np.ndarray) -> None:
@@ -94,7 +75,7 @@ def main(path: str = DEFAULT_DATA) -> None:
     )
 
     t0 = time.perf_counter()
-    ease = ease_top_k(users[tr], movies[tr], num_rows, num_items, K, lam=500.0)
+    ease = EASE(lam=500.0).fit(users[tr], movies[tr], num_rows, num_items).top_k(K)
     t_ease = time.perf_counter() - t0
     topk_figures("EASE lambda=500", ease, tu, tm, ts)
     print(f"  EASE time: {t_ease:.2f} s")

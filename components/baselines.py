@@ -1,8 +1,9 @@
 """Non-learned and closed-form baselines that the evaluation stage scores in the same run.
 
 A candidate model is only worth blessing if it beats these on the same split: the popularity
-ranking for retrieval, and the global mean and a regularised bias model for the rating head.
-Plain numpy, so they cost seconds and need no TensorFlow.
+ranking and EASE (a strong item-item linear model) for retrieval, and the global mean and a
+regularised bias model for the rating head. Plain numpy, so they cost seconds and need no
+TensorFlow.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ DEFAULT_ITEM_REG = 2.0
 
 # Cells of the [users, candidates] seen-mask built per chunk in `popularity_top_k`.
 _CHUNK_CELLS = 1 << 24
+
+# EASE holds a dense [items, items] matrix (20k items: 3.2 GB in float64): above this, skip it.
+EASE_MAX_ITEMS = 20_000
+# The grid EASE's lambda is chosen from on validation (ML-100k's best is in 200..800).
+EASE_LAMBDAS = (50.0, 100.0, 200.0, 350.0, 500.0, 800.0, 1200.0, 2000.0)
 
 
 def popularity_ranking(train_movies: np.ndarray) -> np.ndarray:
@@ -190,3 +196,103 @@ def _lookup(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
     out = np.zeros(ids.shape, dtype=np.float64)
     out[known] = table[ids[known]]
     return out
+
+
+def ease_skip_reason(num_items: int, max_items: int = EASE_MAX_ITEMS) -> str | None:
+    """Why EASE cannot run on this catalogue (None when it can)."""
+    if num_items > max_items:
+        return (
+            f"EASE skipped: {num_items} items exceed the limit of {max_items} "
+            f"(its dense item-item matrix would need {num_items**2 * 8 / 1e9:.1f} GB)"
+        )
+    return None
+
+
+def choose_by_validation(scores: dict[float, float]) -> float:
+    """The hyperparameter with the best validation score; ties go to the larger value (the more
+    regularised one for EASE's lambda), so the choice is deterministic."""
+    if not scores:
+        raise ValueError("no validation scores to choose from")
+    return max(scores, key=lambda value: (scores[value], value))
+
+
+def _interactions(users: np.ndarray, movies: np.ndarray, num_rows: int, num_items: int):
+    x = np.zeros((num_rows, num_items), dtype=np.float64)
+    u = np.asarray(users, dtype=np.int64).ravel()
+    m = np.asarray(movies, dtype=np.int64).ravel()
+    if u.shape != m.shape:
+        raise ValueError("users and movies must have the same length")
+    x[u, m] = 1.0
+    return x
+
+
+def _top_k_rows(scores: np.ndarray, k: int) -> np.ndarray:
+    """Row-wise indices of the k best scores, best first (ties: lower index first)."""
+    k = min(k, scores.shape[1])
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    top_scores = np.take_along_axis(scores, top, axis=1)
+    order = np.lexsort((top, -top_scores), axis=1)
+    top = np.take_along_axis(top, order, axis=1)
+    # Rows with fewer than k scorable items: pad with the padding id (never a hit).
+    return np.where(np.isneginf(np.take_along_axis(scores, top, axis=1)), PADDING_ID, top)
+
+
+class EASE:
+    """EASE (Steck 2019): item-item weights B = I - P diagMat(1/diag(P)), P = (X^T X + lam I)^-1
+    over the binary user x item matrix X, diagonal forced to 0. Scores are X B.
+
+    `fit_gram` eigendecomposes X^T X once, so `set_lambda` re-solves for any lambda in
+    O(items^3) matrix products without refitting (how the validation grid stays cheap).
+    """
+
+    def __init__(self, lam: float = 500.0, max_items: int = EASE_MAX_ITEMS) -> None:
+        if lam <= 0:
+            raise ValueError(f"lambda must be > 0, got {lam}")
+        self.lam = float(lam)
+        self.max_items = int(max_items)
+        self.num_items = 0
+        self._x = np.zeros((0, 0))
+        self._eigen: tuple[np.ndarray, np.ndarray] | None = None
+        self.weights = np.zeros((0, 0))
+
+    def fit(self, users: np.ndarray, movies: np.ndarray, num_rows: int, num_items: int) -> EASE:
+        """Fit on the (user, movie) pairs the user rated (any rating counts as an interaction)."""
+        reason = ease_skip_reason(num_items, self.max_items)
+        if reason:
+            raise ValueError(reason)
+        self.num_items = int(num_items)
+        self._x = _interactions(users, movies, num_rows, num_items)
+        eigenvalues, eigenvectors = np.linalg.eigh(self._x.T @ self._x)
+        self._eigen = (np.maximum(eigenvalues, 0.0), eigenvectors)
+        return self.set_lambda(self.lam)
+
+    def set_lambda(self, lam: float) -> EASE:
+        if self._eigen is None:
+            raise ValueError("fit first")
+        if lam <= 0:
+            raise ValueError(f"lambda must be > 0, got {lam}")
+        self.lam = float(lam)
+        eigenvalues, eigenvectors = self._eigen
+        p = (eigenvectors / (eigenvalues + self.lam)) @ eigenvectors.T
+        b = -p / np.diag(p)
+        b[np.diag_indices_from(b)] = 0.0
+        self.weights = b
+        return self
+
+    def top_k(
+        self,
+        k: int,
+        exclude_users: np.ndarray | None = None,
+        exclude_movies: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """[num_rows, k] movie ids per user row from the fitted history; the padding id, movies
+        nobody rated in training and the given (user, movie) pairs are never recommended."""
+        scores = self._x @ self.weights
+        scores[self._x > 0] = -np.inf
+        scores[:, self._x.sum(axis=0) == 0] = -np.inf  # no training rating: not a candidate
+        scores[:, PADDING_ID] = -np.inf
+        if exclude_users is not None and exclude_movies is not None:
+            scores[
+                np.asarray(exclude_users, np.int64), np.asarray(exclude_movies, np.int64)
+            ] = -np.inf
+        return _top_k_rows(scores, k)

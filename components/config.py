@@ -109,6 +109,11 @@ class PreprocessingConfig(_Section):
             raise ConfigError(f"max_invalid_share must be in [0, 1], got {self.max_invalid_share}")
 
 
+RETRIEVAL_NEGATIVES = ("in-batch", "mixed", "full")
+LEARNING_RATE_SCHEDULES = ("constant", "cosine")
+HISTORY_POOLINGS = ("none", "mean", "sqrtn")
+
+
 @dataclass(frozen=True)
 class TrainingConfig(_Section):
     """The multi-task model and its optimisation."""
@@ -118,21 +123,51 @@ class TrainingConfig(_Section):
     # Feed the element-wise product user*movie to the rating head besides the concatenation
     # (the GMF/NCF interaction a plain MLP on [user, movie] learns poorly).
     rating_product_feature: bool = False
+    rating_dropout: float = 0.0  # dropout after each hidden layer of the rating head
     use_bias_terms: bool = True  # learned global, user and movie biases in the rating head
     embedding_l2: float = (
         1e-3  # L2 on both embedding tables: helps hit@10 and RMSE (bench/quality.py)
     )
+    # L2 on the learned user and movie rating biases: shrinks the biases of rarely rated ids
+    # (the bias baseline's ridge); 0 = unregularised as before.
+    bias_l2: float = 0.0
     retrieval_weight: float = 1.0
     ranking_weight: float = 10.0
     retrieval_loss_reduction: str = "mean"  # the seed sums the in-batch cross-entropy
     temperature: float = 0.05
     sampling_correction_weight: float = 2.0  # logQ correction of in-batch negatives (0 = seed)
     remove_accidental_hits: bool = True
+    # Retrieval negatives besides the batch's own movies. "in-batch" (the seed's), "mixed"
+    # (plus `sampled_negatives` movies drawn uniformly per batch, Yang et al. 2020) or "full"
+    # (every candidate movie: an exact softmax, affordable for catalogues of a few thousand).
+    retrieval_negatives: str = "mixed"
+    sampled_negatives: int = 1024
+    # Rating-aware retrieval: a rating below `liked_rating` (normalised; 0.75 = 4 stars) weighs
+    # `disliked_retrieval_weight` in the retrieval loss (1 = every rating is a positive).
+    liked_rating: float = 0.75
+    disliked_retrieval_weight: float = 0.3
+    # User tower = id embedding + pooled embeddings of the movies the user rated in training
+    # (FISM / YouTube-DNN style item-to-item signal): "none", "mean" or "sqrtn". Needs the
+    # training history passed to the model; a training pair's own movie is left out of its pool.
+    user_history_pooling: str = "none"
+    # Add a linear projection of the user's (age, gender, occupation) and the movie's (genres,
+    # release year) one-hot side features to the towers; the arrays are passed to the model.
+    use_side_features: bool = False
+    # Extra user/movie embeddings seen only by the rating head (0 = none: it reads the shared ones).
+    rating_embedding_dim: int = 0
+    # Retrieve-then-rank at recommendation time: the first `rerank_pool` retrieved movies are
+    # re-ordered by retrieval logit (score / temperature) + `rerank_rating_weight` x predicted
+    # rating (normalised). 0 = retrieval order only.
+    rerank_pool: int = 50
+    rerank_rating_weight: float = 3.0
     optimizer: str = "adam"
     learning_rate: float = 3e-3
+    # "constant" or "cosine" (decay to `final_learning_rate_fraction` of it over all epochs).
+    learning_rate_schedule: str = "cosine"
+    final_learning_rate_fraction: float = 0.0
     weight_decay: float = 0.0  # decoupled (AdamW-style) weight decay, any optimizer
     batch_size: int = 1024
-    epochs: int = 12
+    epochs: int = 16
     shuffle_seed: int = 42
     top_k: int = 10
 
@@ -151,6 +186,31 @@ class TrainingConfig(_Section):
             raise ConfigError("retrieval_loss_reduction must be 'sum' or 'mean'")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.retrieval_negatives not in RETRIEVAL_NEGATIVES:
+            raise ConfigError(
+                f"retrieval_negatives must be one of {RETRIEVAL_NEGATIVES}, "
+                f"got {self.retrieval_negatives!r}"
+            )
+        if self.sampled_negatives < 0 or self.rating_embedding_dim < 0 or self.rerank_pool < 0:
+            raise ConfigError("sampled_negatives, rating_embedding_dim, rerank_pool must be >= 0")
+        if self.retrieval_negatives == "mixed" and self.sampled_negatives == 0:
+            raise ConfigError("retrieval_negatives='mixed' needs sampled_negatives > 0")
+        if not 0.0 <= self.rating_dropout < 1.0:
+            raise ConfigError(f"rating_dropout must be in [0, 1), got {self.rating_dropout}")
+        if self.disliked_retrieval_weight < 0:
+            raise ConfigError("disliked_retrieval_weight must be >= 0")
+        if self.user_history_pooling not in HISTORY_POOLINGS:
+            raise ConfigError(
+                f"user_history_pooling must be one of {HISTORY_POOLINGS}, "
+                f"got {self.user_history_pooling!r}"
+            )
+        if self.learning_rate_schedule not in LEARNING_RATE_SCHEDULES:
+            raise ConfigError(
+                f"learning_rate_schedule must be one of {LEARNING_RATE_SCHEDULES}, "
+                f"got {self.learning_rate_schedule!r}"
+            )
+        if not 0.0 <= self.final_learning_rate_fraction <= 1.0:
+            raise ConfigError("final_learning_rate_fraction must be in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -254,6 +314,12 @@ SEED_TRAINING = TrainingConfig(
     learning_rate=0.1,
     batch_size=1000,
     epochs=5,
+    # Later levers, off as in the seed.
+    retrieval_negatives="in-batch",
+    sampled_negatives=0,
+    disliked_retrieval_weight=1.0,
+    rerank_pool=0,
+    learning_rate_schedule="constant",
 )
 DEFAULT_TRAINING = TrainingConfig()
 

@@ -179,3 +179,98 @@ def ndcg_at_k(
     ideal_table = np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(1, k + 1) + 1.0))])
     idcg = ideal_table[np.minimum(n_rel.astype(np.int64), k)]
     return float(np.mean(dcg / idcg))
+
+
+# --- slices, coverage and novelty (pure numpy, for the report and the gates) ---
+
+# Upper bounds (inclusive) of the user-activity buckets: number of training ratings.
+USER_ACTIVITY_EDGES = (20, 50, 100, 200)
+# Item-popularity buckets by share of training ratings: the head holds the most-rated items that
+# together take HEAD_SHARE of the ratings, the tail the least-rated ones taking TAIL_SHARE.
+HEAD_SHARE = 0.5
+TAIL_SHARE = 0.2
+
+
+def bucket_by_edges(counts: np.ndarray, edges: tuple[int, ...] = USER_ACTIVITY_EDGES) -> np.ndarray:
+    """Bucket index per id: 0 for counts <= edges[0], ..., len(edges) above the last edge."""
+    return np.searchsorted(np.asarray(edges), np.asarray(counts), side="left").astype(np.int64)
+
+
+def bucket_labels(edges: tuple[int, ...] = USER_ACTIVITY_EDGES) -> list[str]:
+    """Readable labels of `bucket_by_edges`' buckets, e.g. '<=20', '21-50', '>200'."""
+    labels = [f"<={edges[0]}"]
+    labels += [f"{lo + 1}-{hi}" for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+    return labels + [f">{edges[-1]}"]
+
+
+def popularity_buckets(
+    item_counts: np.ndarray, head_share: float = HEAD_SHARE, tail_share: float = TAIL_SHARE
+) -> np.ndarray:
+    """0 = head, 1 = middle, 2 = tail per item id, by cumulative share of training ratings in
+    descending-popularity order (ties by lower id). Items with no rating are tail."""
+    counts = np.asarray(item_counts, dtype=np.float64)
+    order = np.lexsort((np.arange(counts.size), -counts))
+    before = np.concatenate([[0.0], np.cumsum(counts[order])[:-1]]) / max(counts.sum(), 1.0)
+    bucket = np.where(before < head_share, 0, np.where(before < 1.0 - tail_share, 1, 2))
+    out = np.empty(counts.size, dtype=np.int64)
+    out[order] = bucket
+    out[counts == 0] = 2
+    return out
+
+
+POPULARITY_LABELS = ("head", "middle", "tail")
+
+
+def sliced_topk_metrics(
+    top_ids: np.ndarray,
+    users: np.ndarray,
+    movies: np.ndarray,
+    stars: np.ndarray,
+    row_slice: np.ndarray,
+    labels: list[str] | tuple[str, ...],
+    k: int = 10,
+) -> dict[str, dict[str, float]]:
+    """hit@k (5-star rows), recall@k and NDCG@k (>= 4 stars) restricted to the test rows of each
+    slice; `row_slice[i]` is the slice index of test row i (e.g. its user's activity bucket, or
+    its movie's popularity bucket). `rows` counts the slice's test rows."""
+    row_slice = np.asarray(row_slice).ravel()
+    users, movies, stars = (np.asarray(a).ravel() for a in (users, movies, stars))
+    out = {}
+    for index, label in enumerate(labels):
+        keep = row_slice == index
+        u, m, s = users[keep], movies[keep], stars[keep]
+        out[label] = {
+            f"hit@{k}": float(hit_rate_curve(top_ids, u, m, s, 5.0, k)[-1]),
+            f"recall@{k}": recall_at_k(top_ids, u, m, s, k, 4.0),
+            f"ndcg@{k}": ndcg_at_k(top_ids, u, m, s, k, 4.0),
+            "rows": float(keep.sum()),
+        }
+    return out
+
+
+def coverage_at_k(top_ids: np.ndarray, rows: np.ndarray, num_candidates: int, k: int = 10) -> float:
+    """Catalogue coverage: share of the `num_candidates` recommendable movies that appear in the
+    top k of at least one of the given user rows (padding and -1 slots ignored)."""
+    top = _check_top_ids(top_ids)[np.asarray(rows, dtype=np.int64), :k]
+    shown = np.unique(top[top > PADDING_ID])
+    return float(shown.size / num_candidates) if num_candidates else 0.0
+
+
+def novelty_at_k(
+    top_ids: np.ndarray,
+    rows: np.ndarray,
+    train_users: np.ndarray,
+    train_movies: np.ndarray,
+    k: int = 10,
+) -> float:
+    """Mean self-information -log2 p(movie) of the recommended movies (higher = less obvious),
+    p(movie) = share of training users who rated it (Zhou et al. 2010), floored at one user."""
+    top = _check_top_ids(top_ids)[np.asarray(rows, dtype=np.int64), :k]
+    items = top[top > PADDING_ID].astype(np.int64)
+    if items.size == 0:
+        return 0.0
+    pairs = np.unique(np.stack([np.asarray(train_users), np.asarray(train_movies)], 1), axis=0)
+    num_users = max(np.unique(pairs[:, 0]).size, 1)
+    width = int(max(items.max(), pairs[:, 1].max() if pairs.size else 0)) + 1
+    raters = np.maximum(np.bincount(pairs[:, 1], minlength=width), 1)
+    return float(np.mean(-np.log2(raters[items] / num_users)))

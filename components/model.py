@@ -1,11 +1,14 @@
 """The multi-task recommender: one Keras 3 model (TF backend, keras-rs) for retrieval and rating.
 
-User and movie embeddings feed two heads:
-- retrieval: in-batch softmax over the batch's movies (optionally with the logQ sampling-bias
-  correction and accidental-hit removal keras-rs offers), top-k via `BruteForceRetrieval`;
+User and movie towers (id embeddings; optionally pooled training history and side features)
+feed two heads:
+- retrieval: softmax over negatives (the batch's movies with the logQ sampling-bias correction,
+  mixed with uniformly sampled movies, or the whole catalogue), positives weighted by rating;
+  top-k via `BruteForceRetrieval`, optionally re-ranked with the rating head (retrieve-then-rank);
 - ranking: a dense head on the concatenated embeddings (plus optional learned biases) predicts the
   normalised rating, trained with MSE.
-Loss = retrieval_weight * retrieval CE + ranking_weight * MSE.
+Loss = retrieval_weight * retrieval CE + ranking_weight * MSE. The learning-rate schedule is
+installed at compile time from the config, so the training loop stays a plain `fit`.
 """
 
 import json
@@ -25,6 +28,8 @@ EXCLUDED_SCORE = -1e9  # score given to excluded candidates before top-k
 NO_MOVIE = -1  # returned id when fewer than k candidates remain after exclusion
 WEIGHTS_FILE = "model.weights.h5"
 SPEC_FILE = "model.json"
+HISTORY_FILE = "user_history.npz"  # the training history the user tower pools, when it does
+FEATURES_FILE = "side_features.npz"  # id-indexed user and movie side features, when used
 
 
 class ExcludingBruteForceRetrieval(keras_rs.layers.BruteForceRetrieval):
@@ -59,6 +64,18 @@ def remove_accidental_hits(logits, labels, candidate_ids):
     return ops.where(duplicate, EXCLUDED_SCORE, logits)
 
 
+def learning_rate_schedule(
+    config: TrainingConfig, train_rows: int
+) -> keras.optimizers.schedules.LearningRateSchedule | None:
+    """The schedule `config` asks for over epochs * steps-per-epoch steps (None = constant)."""
+    if config.learning_rate_schedule == "constant":
+        return None
+    steps = config.epochs * max(1, -(-train_rows // config.batch_size))
+    return keras.optimizers.schedules.CosineDecay(
+        config.learning_rate, steps, alpha=config.final_learning_rate_fraction
+    )
+
+
 class Recommender(keras.Model):
     """Joint retrieval + rating model over integer user and movie ids.
 
@@ -73,6 +90,9 @@ class Recommender(keras.Model):
         num_movies: int,
         movie_counts: np.ndarray,
         config: TrainingConfig,
+        user_history: tuple[np.ndarray, np.ndarray] | None = None,
+        user_features: np.ndarray | None = None,
+        movie_features: np.ndarray | None = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -94,9 +114,32 @@ class Recommender(keras.Model):
         position = np.full(self.num_movies, -1, dtype=np.int32)
         position[candidates] = np.arange(candidates.size, dtype=np.int32)
         self._candidate_position = tf.constant(position)
+        self._candidates = tf.constant(candidates)
+        self._sampling_probability = tf.constant(counts / max(counts.sum(), 1.0), tf.float32)
         self._log_sampling_probability = tf.constant(
             np.log(np.clip(counts / max(counts.sum(), 1.0), 1e-9, 1.0)), dtype=tf.float32
         )
+        self.train_rows = int(counts.sum())  # sizes the learning-rate schedule
+        self.user_history = None
+        if config.user_history_pooling != "none":
+            if user_history is None:
+                raise ValueError(
+                    f"user_history_pooling={config.user_history_pooling!r} needs user_history "
+                    "(the training split's user and movie ids)"
+                )
+            self.user_history = SeenMovies(*user_history, num_users=self.num_users)
+        self.user_features = self.movie_features = None
+        if config.use_side_features:
+            if user_features is None or movie_features is None:
+                raise ValueError("use_side_features needs user_features and movie_features")
+            for name, table, rows in (
+                ("user_features", user_features, self.num_users),
+                ("movie_features", movie_features, self.num_movies),
+            ):
+                if np.ndim(table) != 2 or len(table) != rows:
+                    raise ValueError(f"{name} must be [{rows}, n], got {np.shape(table)}")
+            self.user_features = tf.constant(user_features, tf.float32)
+            self.movie_features = tf.constant(movie_features, tf.float32)
 
         regularizer = keras.regularizers.L2(config.embedding_l2) if config.embedding_l2 else None
         dim = config.embedding_dim
@@ -106,17 +149,71 @@ class Recommender(keras.Model):
         self.movie_embedding = keras.layers.Embedding(
             self.num_movies, dim, embeddings_regularizer=regularizer, name="movie_embedding"
         )
+        if config.rating_embedding_dim:
+            self.rating_user_embedding = keras.layers.Embedding(
+                self.num_users,
+                config.rating_embedding_dim,
+                embeddings_regularizer=regularizer,
+                name="rating_user_embedding",
+            )
+            self.rating_movie_embedding = keras.layers.Embedding(
+                self.num_movies,
+                config.rating_embedding_dim,
+                embeddings_regularizer=regularizer,
+                name="rating_movie_embedding",
+            )
+        if self.user_history is not None:
+            self.history_embedding = keras.layers.Embedding(
+                self.num_movies, dim, embeddings_regularizer=regularizer, name="history_embedding"
+            )
+        if config.use_side_features:
+            # Zero start: the towers begin as the id-only model (a Glorot start makes feature
+            # vectors ~10x the embeddings', which at temperature 0.05 saturates the softmax).
+            self.user_feature_projection = keras.layers.Dense(
+                dim,
+                use_bias=False,
+                kernel_initializer="zeros",
+                kernel_regularizer=regularizer,
+                name="user_features",
+            )
+            self.movie_feature_projection = keras.layers.Dense(
+                dim,
+                use_bias=False,
+                kernel_initializer="zeros",
+                kernel_regularizer=regularizer,
+                name="movie_features",
+            )
         self.rating_head = keras.Sequential(
-            [keras.layers.Dense(units, activation="relu") for units in config.rating_hidden_units]
+            [
+                layer
+                for units in config.rating_hidden_units
+                for layer in (
+                    [keras.layers.Dense(units, activation="relu")]
+                    + (
+                        [keras.layers.Dropout(config.rating_dropout)]
+                        if config.rating_dropout
+                        else []
+                    )
+                )
+            ]
             + [keras.layers.Dense(1)],
             name="rating_head",
         )
         if config.use_bias_terms:
+            bias_regularizer = keras.regularizers.L2(config.bias_l2) if config.bias_l2 else None
             self.user_bias = keras.layers.Embedding(
-                self.num_users, 1, embeddings_initializer="zeros", name="user_bias"
+                self.num_users,
+                1,
+                embeddings_initializer="zeros",
+                embeddings_regularizer=bias_regularizer,
+                name="user_bias",
             )
             self.movie_bias = keras.layers.Embedding(
-                self.num_movies, 1, embeddings_initializer="zeros", name="movie_bias"
+                self.num_movies,
+                1,
+                embeddings_initializer="zeros",
+                embeddings_regularizer=bias_regularizer,
+                name="movie_bias",
             )
         self.retrieval = ExcludingBruteForceRetrieval(k=config.top_k, name="retrieval")
         self.retrieval_loss_tracker = keras.metrics.Mean(name="retrieval_loss")
@@ -128,7 +225,16 @@ class Recommender(keras.Model):
     def build(self, input_shape=None):
         self.user_embedding.build((None,))
         self.movie_embedding.build((None,))
-        width = (3 if self.config.rating_product_feature else 2) * self.config.embedding_dim
+        if self.user_history is not None:
+            self.history_embedding.build((None,))
+        if self.config.use_side_features:
+            self.user_feature_projection.build((None, self.user_features.shape[1]))
+            self.movie_feature_projection.build((None, self.movie_features.shape[1]))
+        if self.config.rating_embedding_dim:
+            self.rating_user_embedding.build((None,))
+            self.rating_movie_embedding.build((None,))
+        dim = self.config.embedding_dim + self.config.rating_embedding_dim
+        width = (3 if self.config.rating_product_feature else 2) * dim
         self.rating_head.build((None, width))
         if self.config.use_bias_terms:
             self.user_bias.build((None,))
@@ -136,16 +242,49 @@ class Recommender(keras.Model):
         self.built = True
 
     def call(self, inputs: dict, training: bool = False) -> dict:
-        user = self.user_embedding(inputs[F.USER_ID])
-        movie = self.movie_embedding(inputs[F.MOVIE_ID])
-        rating = self._rating(inputs[F.USER_ID], inputs[F.MOVIE_ID], user, movie)
+        # A training pair's movie is in its user's history: leave it out, as it is for test pairs.
+        user = self._user_vector(inputs[F.USER_ID], inputs[F.MOVIE_ID] if training else None)
+        movie = self._movie_vector(inputs[F.MOVIE_ID])
+        rating = self._rating(inputs[F.USER_ID], inputs[F.MOVIE_ID], user, movie, training)
         return {"user_embedding": user, "movie_embedding": movie, F.RATING: rating}
 
-    def _rating(self, user_ids, movie_ids, user, movie):
+    def _movie_vector(self, movie_ids):
+        """Movie tower: id embedding, plus projected side features when configured."""
+        movie = self.movie_embedding(movie_ids)
+        if self.movie_features is not None:
+            movie = movie + self.movie_feature_projection(tf.gather(self.movie_features, movie_ids))
+        return movie
+
+    def _user_vector(self, user_ids, leave_out_movie_ids=None):
+        """User tower: id embedding, plus the pooled history embeddings when configured."""
+        user = self.user_embedding(user_ids)
+        if self.user_features is not None:
+            user = user + self.user_feature_projection(tf.gather(self.user_features, user_ids))
+        if self.user_history is None:
+            return user
+        history = tf.gather(self.user_history.ragged(), user_ids)
+        rows = history.value_rowids()
+        vectors = self.history_embedding(history.flat_values)
+        counts = tf.cast(history.row_lengths(), "float32")
+        if leave_out_movie_ids is not None:
+            own = tf.cast(
+                tf.equal(history.flat_values, tf.gather(leave_out_movie_ids, rows)), "float32"
+            )
+            vectors = vectors * (1.0 - own)[:, None]
+            counts = counts - tf.math.unsorted_segment_sum(own, rows, tf.shape(user_ids)[0])
+        total = tf.math.unsorted_segment_sum(vectors, rows, tf.shape(user_ids)[0])
+        counts = tf.maximum(counts, 1.0)
+        scale = counts if self.config.user_history_pooling == "mean" else tf.sqrt(counts)
+        return user + total / scale[:, None]
+
+    def _rating(self, user_ids, movie_ids, user, movie, training: bool = False):
+        if self.config.rating_embedding_dim:
+            user = ops.concatenate([user, self.rating_user_embedding(user_ids)], axis=-1)
+            movie = ops.concatenate([movie, self.rating_movie_embedding(movie_ids)], axis=-1)
         features = [user, movie]
         if self.config.rating_product_feature:
             features.append(user * movie)
-        rating = self.rating_head(ops.concatenate(features, axis=-1))[:, 0]
+        rating = self.rating_head(ops.concatenate(features, axis=-1), training=training)[:, 0]
         if self.config.use_bias_terms:
             rating = rating + self.user_bias(user_ids)[:, 0] + self.movie_bias(movie_ids)[:, 0]
         return rating
@@ -160,7 +299,7 @@ class Recommender(keras.Model):
             total = total + config.ranking_weight * mse
             self.rating_loss_tracker.update_state(mse)
         if config.retrieval_weight > 0:
-            retrieval = self._retrieval_loss(x[F.MOVIE_ID], y_pred)
+            retrieval = self._retrieval_loss(x[F.MOVIE_ID], y_pred, y)
             total = total + config.retrieval_weight * retrieval
             self.retrieval_loss_tracker.update_state(retrieval)
         self.rmse_metric.update_state(y, ops.clip(y_pred[F.RATING], 0.0, 1.0))
@@ -168,22 +307,77 @@ class Recommender(keras.Model):
             total = total + ops.sum(self.losses)
         return total
 
-    def _retrieval_loss(self, movie_ids, y_pred):
-        """In-batch softmax: each row's own movie is the positive, the batch's others negatives."""
+    def _retrieval_loss(self, movie_ids, y_pred, ratings=None):
+        """Softmax over negatives (the batch's movies, plus uniform samples, or the whole
+        catalogue); each row's own movie is the positive, weighted by its rating when
+        `disliked_retrieval_weight` < 1."""
         config = self.config
         user, movie = y_pred["user_embedding"], y_pred["movie_embedding"]
-        logits = ops.matmul(user, ops.transpose(movie)) / config.temperature
-        batch = ops.shape(logits)[0]
-        labels = ops.eye(batch, dtype=logits.dtype)
-        if config.sampling_correction_weight:
-            log_q = ops.take(self._log_sampling_probability, movie_ids)
-            logits = logits - config.sampling_correction_weight * log_q[None, :]
-        if config.remove_accidental_hits:
-            logits = remove_accidental_hits(logits, labels, movie_ids)
-        per_row = keras.losses.categorical_crossentropy(labels, logits, from_logits=True)
+        if config.retrieval_negatives == "full":
+            per_row = self._full_softmax_loss(user, movie_ids)
+        else:
+            per_row = self._sampled_softmax_loss(user, movie, movie_ids)
+        if ratings is not None and config.disliked_retrieval_weight != 1.0:
+            liked = ops.cast(ratings, "float32") >= config.liked_rating - 1e-6
+            weights = ops.where(liked, 1.0, config.disliked_retrieval_weight)
+            if config.retrieval_loss_reduction == "sum":
+                return ops.sum(weights * per_row)
+            return ops.sum(weights * per_row) / ops.maximum(ops.sum(weights), 1e-6)
         if config.retrieval_loss_reduction == "sum":
             return ops.sum(per_row)
         return ops.mean(per_row)
+
+    def _full_softmax_loss(self, user, movie_ids):
+        """Cross-entropy over every candidate: no sampling, hence no sampling-bias correction."""
+        candidates = self._movie_vector(self._candidates)
+        logits = ops.matmul(user, ops.transpose(candidates)) / self.config.temperature
+        labels = ops.take(self._candidate_position, movie_ids)
+        return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+
+    def _sampled_softmax_loss(self, user, movie, movie_ids):
+        """In-batch negatives (popularity-distributed), optionally mixed with uniform samples;
+        logQ corrects every column by the log of its expected count in the negative set."""
+        config = self.config
+        batch = ops.shape(user)[0]
+        column_ids = movie_ids
+        columns = movie
+        if config.retrieval_negatives == "mixed":
+            sampled_ids = self._sample_negative_ids()
+            column_ids = ops.concatenate([movie_ids, sampled_ids], axis=0)
+            columns = ops.concatenate([movie, self._movie_vector(sampled_ids)], axis=0)
+        logits = ops.matmul(user, ops.transpose(columns)) / config.temperature
+        labels = ops.one_hot(ops.arange(batch), ops.shape(logits)[1], dtype=logits.dtype)
+        if config.sampling_correction_weight:
+            if config.retrieval_negatives == "mixed":
+                expected = ops.cast(batch, "float32") * ops.take(
+                    self._sampling_probability, column_ids
+                ) + config.sampled_negatives / len(self.candidate_ids)
+                log_q = ops.log(ops.maximum(expected, 1e-9))
+            else:
+                log_q = ops.take(self._log_sampling_probability, column_ids)
+            logits = logits - config.sampling_correction_weight * log_q[None, :]
+        if config.remove_accidental_hits:
+            logits = remove_accidental_hits(logits, labels, column_ids)
+        return keras.losses.categorical_crossentropy(labels, logits, from_logits=True)
+
+    def _sample_negative_ids(self):
+        """`sampled_negatives` candidate movie ids drawn uniformly (with replacement)."""
+        sampled = tf.random.uniform(
+            [self.config.sampled_negatives], 0, len(self.candidate_ids), dtype=tf.int32
+        )
+        return ops.take(self._candidates, sampled)
+
+    def compile(self, optimizer="adam", **kwargs: Any) -> None:
+        """Install the configured learning-rate schedule on the optimizer (sized from the
+        training rows), so the training loop needs no schedule logic of its own."""
+        optimizer = keras.optimizers.get(optimizer)
+        schedule = learning_rate_schedule(self.config, self.train_rows)
+        if schedule is not None:
+            # A new optimizer of the same kind: assigning a schedule to a built one untracks its
+            # learning-rate variable, which makes the model unexportable as a SavedModel.
+            settings = optimizer.get_config() | {"learning_rate": schedule}
+            optimizer = type(optimizer).from_config(settings)
+        super().compile(optimizer=optimizer, **kwargs)
 
     @property
     def metrics(self):
@@ -198,13 +392,13 @@ class Recommender(keras.Model):
 
     def index_candidates(self) -> None:
         """Copy the trained movie embeddings of the candidates into the retrieval layer."""
-        embeddings = ops.take(self.movie_embedding.embeddings, self.candidate_ids, axis=0)
+        embeddings = self._movie_vector(self._candidates)
         self.retrieval.update_candidates(embeddings, self.candidate_ids)
 
     def predict_rating(self, user_ids, movie_ids):
         """Normalised rating in [0, 1]."""
-        user = self.user_embedding(user_ids)
-        movie = self.movie_embedding(movie_ids)
+        user = self._user_vector(user_ids)
+        movie = self._movie_vector(movie_ids)
         return ops.clip(self._rating(user_ids, movie_ids, user, movie), 0.0, 1.0)
 
     def _mask(self, rows, movie_ids, batch):
@@ -239,15 +433,43 @@ class Recommender(keras.Model):
         excluded_movie_ids=None,
     ):
         """Top-k (scores, movie ids) per user, skipping the movies in `seen` and/or
-        `excluded_movie_ids` when given."""
-        query = self.user_embedding(user_ids)
+        `excluded_movie_ids` when given. With `rerank_pool`, retrieve-then-rank: the first
+        `rerank_pool` retrieved movies are re-ordered by retrieval logit + `rerank_rating_weight`
+        x predicted rating (the returned scores), the rest keep retrieval's order."""
+        query = self._user_vector(user_ids)
         excluded = None
         if seen is not None:
             excluded = self.seen_mask(user_ids, seen)
         if excluded_movie_ids is not None:
             extra = self.ids_mask(excluded_movie_ids)
             excluded = extra if excluded is None else excluded | extra
-        return self.retrieval(query, excluded=excluded, k=k)
+        pool = self.config.rerank_pool
+        if not pool:
+            return self.retrieval(query, excluded=excluded, k=k)
+        k = k or self.config.top_k
+        n = min(max(k, pool), len(self.candidate_ids))
+        scores, ids = self.retrieval(query, excluded=excluded, k=n)
+        scores, ids = self._rerank(user_ids, scores, ids, min(pool, n))
+        return scores[:, :k], ids[:, :k]
+
+    def _rerank(self, user_ids, scores, ids, pool: int):
+        """Re-order the first `pool` of each row by logit + weight x predicted rating: the
+        rating head knows which of the likely movies the user will like (measured on
+        validation: +0.02 hit@10 at pool 50, weight 3)."""
+        batch, n = tf.shape(ids)[0], ids.shape[1]
+        movies = tf.reshape(tf.maximum(ids, F.PADDING_ID), [-1])  # NO_MOVIE -> padding row
+        rating = self.predict_rating(tf.repeat(tf.cast(user_ids, tf.int32), n), movies)
+        combined = scores / self.config.temperature + self.config.rerank_rating_weight * (
+            tf.reshape(rating, [batch, n])
+        )
+        combined = tf.where(tf.equal(ids, NO_MOVIE), float("-inf"), combined)
+        order = tf.argsort(combined[:, :pool], direction="DESCENDING", stable=True)
+        head_ids = tf.gather(ids[:, :pool], order, batch_dims=1)
+        head_scores = tf.gather(combined[:, :pool], order, batch_dims=1)
+        return (
+            tf.concat([head_scores, combined[:, pool:]], axis=1),
+            tf.concat([head_ids, ids[:, pool:]], axis=1),
+        )
 
     # --- persistence (weights + a small spec; keras-rs retrieval candidates are rebuilt) ---
 
@@ -262,6 +484,20 @@ class Recommender(keras.Model):
         }
         with open(os.path.join(path, SPEC_FILE), "w", encoding="utf-8") as handle:
             json.dump(spec, handle)
+        if self.user_features is not None:
+            np.savez(
+                os.path.join(path, FEATURES_FILE),
+                user_features=self.user_features.numpy(),
+                movie_features=self.movie_features.numpy(),
+            )
+        if self.user_history is not None:
+            splits = self.user_history.row_splits.numpy()
+            users = np.repeat(np.arange(len(splits) - 1), np.diff(splits))
+            np.savez(
+                os.path.join(path, HISTORY_FILE),
+                user_ids=users,
+                movie_ids=self.user_history.movie_ids.numpy(),
+            )
 
     @classmethod
     def load_artifact(cls, path: str) -> "Recommender":
@@ -272,11 +508,27 @@ class Recommender(keras.Model):
             spec["num_movies"],
             np.asarray(spec["movie_counts"]),
             TrainingConfig.from_dict(spec["config"]),
+            user_history=_load_history(os.path.join(path, HISTORY_FILE)),
+            **_load_features(os.path.join(path, FEATURES_FILE)),
         )
         model.build_for_ids()
         model.load_weights(os.path.join(path, WEIGHTS_FILE))
         model.index_candidates()
         return model
+
+
+def _load_history(path: str) -> tuple[np.ndarray, np.ndarray] | None:
+    if not os.path.isfile(path):
+        return None
+    with np.load(path) as data:
+        return data["user_ids"], data["movie_ids"]
+
+
+def _load_features(path: str) -> dict[str, np.ndarray]:
+    if not os.path.isfile(path):
+        return {}
+    with np.load(path) as data:
+        return {name: data[name] for name in ("user_features", "movie_features")}
 
 
 class SeenMovies(tf.Module):

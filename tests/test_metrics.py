@@ -7,7 +7,19 @@ import math
 import numpy as np
 import pytest
 
-from components.metrics import hit_rate_curve, ndcg_at_k, rank_positions, recall_at_k, rmse
+from components.metrics import (
+    bucket_by_edges,
+    bucket_labels,
+    coverage_at_k,
+    hit_rate_curve,
+    ndcg_at_k,
+    novelty_at_k,
+    popularity_buckets,
+    rank_positions,
+    recall_at_k,
+    rmse,
+    sliced_topk_metrics,
+)
 
 # Row 0 is padding (no user 0); user 3 has a padded slot (movie 0) at rank 3.
 TOP = np.array(
@@ -122,3 +134,55 @@ def test_scales_vectorised() -> None:
     assert curve.shape == (k,)
     assert np.all(np.diff(curve) >= 0)
     assert curve[-1] == pytest.approx(0.5, abs=0.01)
+
+
+def test_activity_buckets_and_labels() -> None:
+    counts = np.array([0, 20, 21, 50, 51, 201])
+    np.testing.assert_array_equal(bucket_by_edges(counts, (20, 50, 100, 200)), [0, 0, 1, 1, 2, 4])
+    assert bucket_labels((20, 50)) == ["<=20", "21-50", ">50"]
+
+
+def test_popularity_buckets_by_rating_share() -> None:
+    # 10 ratings; descending: movie 1 (share before it 0.0) head, movie 2 (0.5) middle,
+    # movies 3 (0.8) and 4 (0.9) tail; movie 0 has none: tail.
+    np.testing.assert_array_equal(popularity_buckets(np.array([0, 5, 3, 1, 1])), [2, 0, 1, 2, 2])
+
+
+def test_sliced_metrics_hand_values() -> None:
+    users = np.array([1, 1, 2, 2, 3, 3, 3])
+    movies = np.array([20, 40, 20, 50, 10, 0, 30])
+    stars = np.array([5.0, 5.0, 5.0, 4.0, 5.0, 5.0, 3.0])
+    slice_of_user = np.array([0, 0, 0, 1])  # users 1, 2 -> "light", user 3 -> "heavy"
+    out = sliced_topk_metrics(
+        TOP, users, movies, stars, slice_of_user[users], ["light", "heavy"], k=3
+    )
+    g = 1 / math.log2(3)  # gain at rank 2
+    # light: 5-star (1,20) rank 1 hit, (1,40) miss, (2,20) hit; relevant user 1 {20, 40},
+    # user 2 {20 at rank 0, 50 at rank 2}.
+    assert out["light"]["hit@3"] == pytest.approx(2 / 3)
+    assert out["light"]["recall@3"] == pytest.approx((1 / 2 + 1) / 2)
+    assert out["light"]["ndcg@3"] == pytest.approx((g / (1 + g) + 1.5 / (1 + g)) / 2)
+    assert out["light"]["rows"] == 4
+    # heavy: 5-star (3,10) hit, (3,0) padding never hits; relevant {10} at rank 1.
+    assert out["heavy"]["hit@3"] == pytest.approx(1 / 2)
+    assert out["heavy"]["recall@3"] == pytest.approx(1.0)
+    assert out["heavy"]["ndcg@3"] == pytest.approx(g)
+    assert out["heavy"]["rows"] == 3
+
+
+def test_coverage_counts_distinct_real_movies() -> None:
+    assert coverage_at_k(TOP, np.array([1, 2, 3]), num_candidates=10, k=3) == pytest.approx(0.5)
+    assert coverage_at_k(TOP, np.array([1]), num_candidates=10, k=3) == pytest.approx(0.3)
+    assert coverage_at_k(TOP, np.array([3]), num_candidates=10, k=1) == pytest.approx(0.1)
+
+
+def test_novelty_is_mean_self_information() -> None:
+    # 3 training users; movie 10 rated by all (p = 1), movie 20 by one (p = 1/3).
+    train_users = np.array([1, 1, 2, 3, 3])
+    train_movies = np.array([10, 20, 10, 10, 10])  # a duplicate (3, 10) counts once
+    top = np.array([[0, 0], [10, 20], [20, 0]])
+    expected = (0.0 + 2 * math.log2(3)) / 3
+    assert novelty_at_k(top, np.array([1, 2]), train_users, train_movies, k=2) == pytest.approx(
+        expected
+    )
+    assert novelty_at_k(top, np.array([0]), train_users, train_movies, k=2) == 0.0

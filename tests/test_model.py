@@ -1,3 +1,4 @@
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -5,10 +6,25 @@ import tensorflow as tf
 from components import features as F
 from components.config import DEFAULT_TRAINING
 from components.model import NO_MOVIE, Recommender, SeenMovies
+from components.side_features import (
+    AGE_EDGES,
+    NUM_GENRES,
+    YEAR_EDGES,
+    movie_features,
+    user_features,
+)
 
 
 def _tiny_model(**changes):
     counts = np.array([0, 5, 3, 2, 0, 1])  # movie 4 never rated in training: not a candidate
+    # Hand computations below assume in-batch negatives and retrieval order unless told.
+    changes = {
+        "retrieval_negatives": "in-batch",
+        "sampled_negatives": 0,
+        "disliked_retrieval_weight": 1.0,
+        "rerank_pool": 0,
+        **changes,
+    }
     config = DEFAULT_TRAINING.replace(embedding_dim=2, top_k=3, **changes)
     model = Recommender(num_users=4, num_movies=6, movie_counts=counts, config=config)
     model.build_for_ids()
@@ -81,8 +97,11 @@ def test_recommend_skips_padding_non_candidates_and_seen():
 
 
 def test_rating_is_clipped_to_unit_interval():
+    """A head pushed far outside [0, 1] (large biases) still predicts within it."""
     model, *_ = _tiny_model()
+    model.user_bias.embeddings.assign(tf.constant([[0.0], [5.0], [-5.0], [0.0]]))
     rating = model.predict_rating(tf.constant([1, 2, 3]), tf.constant([1, 2, 3])).numpy()
+    assert rating[0] == 1.0 and rating[1] == 0.0
     assert ((rating >= 0) & (rating <= 1)).all()
 
 
@@ -104,3 +123,176 @@ def test_artifact_round_trip(tmp_path, small_model):
 def test_seen_movies_rejects_unknown_users():
     with pytest.raises(ValueError, match="user ids must be in"):
         SeenMovies(np.array([5]), np.array([1]), num_users=3)
+
+
+def _pair_inputs(user_ids, movie_ids):
+    return {
+        F.USER_ID: tf.constant(user_ids, tf.int32),
+        F.MOVIE_ID: tf.constant(movie_ids, tf.int32),
+    }
+
+
+def test_full_softmax_loss_is_cross_entropy_over_all_candidates():
+    model, users, movies, _ = _tiny_model(retrieval_negatives="full", temperature=0.5)
+    user_ids, movie_ids = np.array([1, 3]), np.array([2, 5])
+    out = model(_pair_inputs(user_ids, movie_ids))
+    loss = float(model._retrieval_loss(tf.constant(movie_ids, tf.int32), out))
+    candidates = np.array([1, 2, 3, 5])  # movie 0 is padding, movie 4 has no training rating
+    logits = users[user_ids] @ movies[candidates].T / 0.5
+    labels = (candidates[None, :] == movie_ids[:, None]).astype(float)
+    assert loss == pytest.approx(_softmax_ce(logits, labels).mean(), rel=1e-5)
+
+
+def test_mixed_negatives_loss_matches_hand_computation(monkeypatch):
+    model, users, movies, counts = _tiny_model(
+        retrieval_negatives="mixed",
+        sampled_negatives=2,
+        temperature=0.5,
+        sampling_correction_weight=1.0,
+        disliked_retrieval_weight=0.25,
+    )
+    monkeypatch.setattr(model, "_sample_negative_ids", lambda: tf.constant([3, 2], tf.int32))
+    user_ids, movie_ids = np.array([1, 2]), np.array([2, 1])
+    ratings = np.array([1.0, 0.5])  # the second is below "liked" (0.75): weight 0.25
+    out = model(_pair_inputs(user_ids, movie_ids))
+    loss = float(model._retrieval_loss(tf.constant(movie_ids, tf.int32), out, tf.constant(ratings)))
+    columns = np.array([2, 1, 3, 2])  # the batch's movies, then the uniform samples
+    logits = users[user_ids] @ movies[columns].T / 0.5
+    # Expected count of each column among the negatives: batch * p(popularity) + samples / N.
+    expected = 2 * counts[columns] / counts.sum() + 2 / 4
+    logits = logits - np.log(expected)[None, :]
+    labels = np.zeros((2, 4))
+    labels[[0, 1], [0, 1]] = 1
+    # Row 0's positive (movie 2) is sampled again at column 3: an accidental hit, masked.
+    logits[0, 3] = -1e9
+    per_row = _softmax_ce(logits, labels)
+    weights = np.array([1.0, 0.25])
+    assert loss == pytest.approx((weights * per_row).sum() / weights.sum(), rel=1e-5)
+
+
+def _history_model(pooling):
+    counts = np.array([0, 2, 1, 1])
+    config = DEFAULT_TRAINING.replace(embedding_dim=2, top_k=2, user_history_pooling=pooling)
+    history = (np.array([1, 1, 1, 2]), np.array([1, 2, 3, 1]))  # user 1 rated 1, 2, 3
+    model = Recommender(3, 4, counts, config, user_history=history)
+    model.build_for_ids()
+    model.user_embedding.embeddings.assign(np.array([[0, 0], [1, 0], [0, 1]], np.float32))
+    model.history_embedding.embeddings.assign(
+        np.array([[0, 0], [1, 1], [2, 0], [0, 4]], np.float32)
+    )
+    return model
+
+
+@pytest.mark.parametrize("pooling", ["mean", "sqrtn"])
+def test_history_pooling_leaves_out_the_training_movie(pooling):
+    model = _history_model(pooling)
+    scale = (lambda n: n) if pooling == "mean" else np.sqrt
+    # Inference: user 1 pools movies 1, 2, 3 = [3, 5]; user 2 movie 1; user 0 has no history.
+    pooled = model._user_vector(tf.constant([1, 2, 0], tf.int32)).numpy()
+    np.testing.assert_allclose(
+        pooled, [[1 + 3 / scale(3), 5 / scale(3)], [1, 2], [0, 0]], atol=1e-6
+    )
+    # Training pairs (1, 2), (1, 3): pool the other two movies; (2, 1): nothing left.
+    left_out = model._user_vector(
+        tf.constant([1, 1, 2], tf.int32), tf.constant([2, 3, 1], tf.int32)
+    ).numpy()
+    np.testing.assert_allclose(
+        left_out,
+        [[1 + 1 / scale(2), 5 / scale(2)], [1 + 3 / scale(2), 1 / scale(2)], [0, 1]],
+        atol=1e-6,
+    )
+
+
+def test_history_model_needs_history_and_round_trips(tmp_path):
+    with pytest.raises(ValueError, match="needs user_history"):
+        Recommender(
+            3, 4, np.array([0, 2, 1, 1]), DEFAULT_TRAINING.replace(user_history_pooling="mean")
+        )
+    model = _history_model("sqrtn")
+    model.index_candidates()
+    model.save_artifact(str(tmp_path))
+    loaded = Recommender.load_artifact(str(tmp_path))
+    users = tf.constant([1, 2], tf.int32)
+    np.testing.assert_allclose(
+        loaded._user_vector(users).numpy(), model._user_vector(users).numpy(), atol=1e-6
+    )
+
+
+def test_cosine_schedule_decays_to_the_final_fraction():
+    counts = np.array([0, 600, 400])  # 1000 training rows: 4 steps per epoch at batch 256
+    config = DEFAULT_TRAINING.replace(
+        learning_rate_schedule="cosine",
+        learning_rate=0.01,
+        final_learning_rate_fraction=0.1,
+        batch_size=256,
+        epochs=2,
+    )
+    model = Recommender(3, 3, counts, config)
+    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
+    schedule = model.optimizer._learning_rate
+    assert float(schedule(0)) == pytest.approx(0.01)
+    assert float(schedule(8)) == pytest.approx(0.001)
+    assert float(schedule(4)) == pytest.approx(0.001 + 0.009 * 0.5)
+
+
+def test_side_feature_loaders_one_hot_encode():
+    item = "2|GoldenEye (1995)|01-Jan-1995||http://x|" + "|".join(["0", "1"] + ["0"] * 17) + "\n"
+    movies = movie_features([item, "bad line\n"], num_movies=4)
+    assert movies.shape == (4, NUM_GENRES + len(YEAR_EDGES) + 1)
+    assert movies[2, 1] == 1.0 and movies[2, :NUM_GENRES].sum() == 1.0
+    assert movies[2, NUM_GENRES + np.digitize(1995, YEAR_EDGES)] == 1.0
+    assert movies[[0, 1, 3]].sum() == 0.0  # padding and movies absent from u.item: zeros
+    users = user_features(["1|24|M|writer|85711\n", "2|x|?|none|0\n"], ["artist", "writer"], 3)
+    # age 24 -> bucket 1 (18..24), "M" -> first gender slot, "writer" -> second occupation.
+    np.testing.assert_array_equal(np.flatnonzero(users[1]), [1, len(AGE_EDGES) + 1, 10])
+    assert users[2].sum() == 0.0
+
+
+def test_side_features_enter_both_towers(tmp_path):
+    user_table = np.eye(4, 2, dtype=np.float32)  # user 0 -> [1, 0], user 1 -> [0, 1]
+    movie_table = np.ones((6, 3), np.float32)
+    model, users, movies, counts = _tiny_model(use_side_features=False)
+    config = model.config.replace(use_side_features=True)
+    with pytest.raises(ValueError, match="needs user_features"):
+        Recommender(4, 6, counts, config)
+    model = Recommender(4, 6, counts, config, user_features=user_table, movie_features=movie_table)
+    model.build_for_ids()
+    user_projection = np.array([[2.0, 0.0], [0.0, 3.0]], np.float32)
+    movie_projection = np.full((3, 2), 0.5, np.float32)
+    model.user_feature_projection.kernel.assign(user_projection)
+    model.movie_feature_projection.kernel.assign(movie_projection)
+    ids = tf.constant([1, 2], tf.int32)
+    np.testing.assert_allclose(
+        model._user_vector(ids).numpy(),
+        model.user_embedding(ids).numpy() + user_table[[1, 2]] @ user_projection,
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        model._movie_vector(ids).numpy(), model.movie_embedding(ids).numpy() + 1.5, atol=1e-6
+    )
+    model.index_candidates()
+    model.save_artifact(str(tmp_path))
+    loaded = Recommender.load_artifact(str(tmp_path))
+    np.testing.assert_allclose(
+        loaded.predict_rating(ids, ids).numpy(), model.predict_rating(ids, ids).numpy(), atol=1e-6
+    )
+
+
+def test_rerank_reorders_the_pool_by_logit_plus_rating():
+    model, users, movies, _ = _tiny_model(
+        rerank_pool=2, rerank_rating_weight=100.0, temperature=1.0
+    )
+    user = tf.constant([3], tf.int32)
+    # Retrieval for user 3 = [1, 1]: movie 1 (3) first, then movies 2 and 3 (2 each).
+    _, retrieved = _tiny_model(temperature=1.0)[0].recommend(user, k=3)
+    scores, ids = model.recommend(user, k=3)
+    ratings = model.predict_rating(tf.constant([3, 3, 3]), retrieved[0]).numpy()
+    logits = users[3] @ movies[retrieved.numpy()[0]].T
+    combined = logits + 100.0 * ratings
+    head = np.argsort(-combined[:2], kind="stable")
+    np.testing.assert_array_equal(ids.numpy()[0, :2], retrieved.numpy()[0, head])
+    assert ids.numpy()[0, 2] == retrieved.numpy()[0, 2]  # beyond the pool: retrieval order
+    np.testing.assert_allclose(scores.numpy()[0, :2], combined[head], rtol=1e-5)
+    # k beyond the pool, and a fully excluded catalogue still pads with NO_MOVIE.
+    _, ids = model.recommend(user, k=4, excluded_movie_ids=tf.constant([[1, 2, 3, 5]], tf.int32))
+    assert ids.numpy().tolist() == [[NO_MOVIE] * 4]
