@@ -46,8 +46,10 @@ def popularity_top_k(
     num_rows: int,
     k: int,
     exclude_seen: bool = True,
+    seen: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Top-k most rated training movies per user row [num_rows, k], padded with 0.
+    """Top-k most rated training movies per user row [num_rows, k], padded with 0. The movies
+    skipped are the (users, movies) pairs of `seen` when given, else the training pairs.
 
     With `exclude_seen`, a user's top k are the first k unseen movies of the global ranking, so
     they lie within the first k + |seen| ranks; users are processed in chunks (heaviest last) over
@@ -61,6 +63,9 @@ def popularity_top_k(
         raise ValueError("train_users and train_movies must have the same length")
     ranking = popularity_ranking(movies)
     n_cand = ranking.size
+    if seen is not None:
+        users = np.asarray(seen[0], dtype=np.int64).ravel()
+        movies = np.asarray(seen[1], dtype=np.int64).ravel()
     out = np.zeros((num_rows, k), dtype=np.int64)
     head = ranking[:k]
     out[:, : head.size] = head
@@ -68,7 +73,7 @@ def popularity_top_k(
         return out
 
     # Position of every movie in the global ranking (n_cand for non-candidates).
-    position = np.full(int(movies.max()) + 1, n_cand, dtype=np.int64)
+    position = np.full(max(int(movies.max(initial=0)), int(ranking.max(initial=0))) + 1, n_cand, dtype=np.int64)
     position[ranking] = np.arange(n_cand)
     in_rows = (users >= 0) & (users < num_rows)
     pair_user = users[in_rows]

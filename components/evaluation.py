@@ -23,7 +23,15 @@ import numpy as np
 from components import features as F
 from components import metrics as M
 from components import progress, storage
-from components.baselines import BiasModel, global_mean_predict, popularity_top_k
+from components.baselines import (
+    EASE,
+    EASE_LAMBDAS,
+    BiasModel,
+    choose_by_validation,
+    ease_skip_reason,
+    global_mean_predict,
+    popularity_top_k,
+)
 from components.config import GateConfig
 from components.errors import DataError
 from components.examples import load_columns, load_stats
@@ -50,6 +58,14 @@ class Split:
     stars_per_unit: float = F.DEFAULT_STARS_RANGE[1] - F.DEFAULT_STARS_RANGE[0]
 
     @classmethod
+    def load_optional(cls, examples_dir: str, split: str) -> "Split":
+        """A split that may hold no rows (validation with validation_fraction 0)."""
+        if load_stats(examples_dir)["rows"].get(split):
+            return cls.load(examples_dir, split)
+        empty = np.zeros(0, dtype=np.int32)
+        return cls(empty, empty, np.zeros(0), np.zeros(0))
+
+    @classmethod
     def load(cls, examples_dir: str, split: str) -> "Split":
         c = load_columns(examples_dir, split)
         low, high = load_stats(examples_dir).get("stars_range", F.DEFAULT_STARS_RANGE)
@@ -72,6 +88,8 @@ class EvaluationResult:
     previous: dict[str, Any] | None
     gates: list[Gate]
     hit_curves: dict[str, np.ndarray] = field(default_factory=dict)
+    slices: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def blessed(self) -> bool:
@@ -120,23 +138,31 @@ def rating_metrics(predicted: np.ndarray, test: Split) -> dict[str, float]:
     return {"rmse": error, "rmse_stars": error * test.stars_per_unit}
 
 
-def score_served_model(
-    model: ServedModel, train: Split, test: Split
-) -> tuple[dict[str, float], np.ndarray]:
-    """Metrics and hit@k curve (k = 1..model.k) of a SavedModel, through its signatures.
+@dataclass
+class Scored:
+    """One system's figures on the test split, and its top-k lists for the report's extras."""
+
+    metrics: dict[str, float]
+    top: np.ndarray  # [max test user + 1, k] movie ids (-1 / 0: nothing)
+    curve: np.ndarray  # hit@k for k = 1..K
+
+
+def score_served_model(model: ServedModel, seen: Split, test: Split, train: Split) -> Scored:
+    """A SavedModel through its signatures: top-k (the `seen` pairs skipped), the seed's metric
+    (nothing skipped), RMSE.
 
     Test users the model does not know (a previous model trained on fewer users) get no
     recommendations, and their ratings the training mean: they count as misses."""
     users = np.unique(test.users)
     known = users[users < model.num_users]
-    seen = train.movies_by_user()
+    by_user = seen.movies_by_user()
     empty = np.zeros(0, dtype=np.int32)
     reporter = progress.Reporter("users", 2 * len(known))
     top = np.full((int(test.users.max(initial=0)) + 1, model.k), -1, dtype=np.int32)
     top_with_seen = top.copy()
     for start in range(0, len(known), 4096):
         batch = known[start : start + 4096]
-        top[batch] = model.top_k(batch, [seen.get(int(u), empty) for u in batch])
+        top[batch] = model.top_k(batch, [by_user.get(int(u), empty) for u in batch])
         reporter.advance(len(batch))
         top_with_seen[batch] = model.top_k(batch)
         reporter.advance(len(batch))
@@ -150,28 +176,101 @@ def score_served_model(
     predicted[scorable] = model.predict_rating(test.users[scorable], test.movies[scorable])
     metrics.update(rating_metrics(predicted, test))
     curve = M.hit_rate_curve(top, test.users, test.movies, test.stars, 5.0, model.k)
-    return metrics, curve
+    return Scored(metrics, top, curve)
+
+
+def fit_ease(
+    train: Split, validation: Split, num_rows: int, num_items: int
+) -> tuple[EASE | None, str]:
+    """EASE fitted on train with lambda chosen on validation hit@10 (its own train pairs
+    skipped); (None, why) when the catalogue is too large or there is no validation split."""
+    reason = ease_skip_reason(num_items)
+    if reason:
+        return None, reason
+    if len(validation.users) == 0:
+        return None, "EASE skipped: no validation split to choose its lambda on"
+    ease = EASE(EASE_LAMBDAS[0]).fit(train.users, train.movies, num_rows, num_items)
+    scores = {}
+    for lam in EASE_LAMBDAS:
+        top = ease.set_lambda(lam).top_k(K)
+        scores[lam] = topk_metrics(top, validation)[f"hit@{K}"]
+    chosen = choose_by_validation(scores)
+    grid = ", ".join(f"{lam:g}: {value:.4f}" for lam, value in scores.items())
+    return ease.set_lambda(chosen), f"EASE lambda {chosen:g} chosen on validation hit@10 ({grid})"
 
 
 def evaluate_baselines(
-    train: Split, test: Split, num_rows: int, k_curve: int
-) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
-    popular = popularity_top_k(train.users, train.movies, num_rows, k_curve, exclude_seen=True)
+    train: Split, validation: Split, test: Split, num_rows: int
+) -> tuple[dict[str, Scored | dict[str, float]], list[str]]:
+    """Baselines on the same split: popularity and EASE (top-k, the train and validation pairs
+    skipped, as for the model), global mean and user+item bias (RMSE). Also returns notes for
+    the report (EASE's lambda, or why it was skipped)."""
+    seen = concat_splits(train, validation)
+    popular = popularity_top_k(
+        train.users, train.movies, num_rows, K, exclude_seen=True, seen=(seen.users, seen.movies)
+    )
     popular_metrics = topk_metrics(popular, test)
     popular_with_seen = popularity_top_k(train.users, train.movies, num_rows, K, exclude_seen=False)
     popular_metrics["seed_hit@10"] = float(
         M.hit_rate_curve(popular_with_seen, test.users, test.movies, test.stars, 5.0, K)[-1]
     )
+    curve = M.hit_rate_curve(popular, test.users, test.movies, test.stars, 5.0, K)
     bias = BiasModel().fit(train.users, train.movies, train.ratings)
-    baselines = {
-        "popularity": popular_metrics,
-        "global mean": rating_metrics(global_mean_predict(train.ratings, len(test.ratings)), test),
-        "user+item bias": rating_metrics(bias.predict(test.users, test.movies), test),
+    out: dict[str, Scored | dict[str, float]] = {"popularity": Scored(popular_metrics, popular, curve)}
+    num_items = int(max(train.movies.max(initial=0), test.movies.max(initial=0))) + 1
+    ease, note = fit_ease(train, validation, num_rows, num_items)
+    if ease is not None:
+        top = ease.top_k(K, validation.users, validation.movies)
+        metrics = topk_metrics(top, test)
+        out["EASE"] = Scored(
+            metrics, top, M.hit_rate_curve(top, test.users, test.movies, test.stars, 5.0, K)
+        )
+    out["global mean"] = rating_metrics(global_mean_predict(train.ratings, len(test.ratings)), test)
+    out["user+item bias"] = rating_metrics(bias.predict(test.users, test.movies), test)
+    return out, [note]
+
+
+def concat_splits(*splits: Split) -> Split:
+    return Split(
+        *(np.concatenate([getattr(s, name) for s in splits]) for name in ("users", "movies", "ratings", "stars")),
+        splits[0].stars_per_unit,
+    )
+
+
+def beyond_accuracy(top: np.ndarray, test: Split, train: Split) -> dict[str, float]:
+    """Catalogue coverage@10 and novelty@10 over the test users' lists."""
+    rows = np.unique(test.users)
+    candidates = int(np.unique(train.movies).size)
+    return {
+        "coverage@10": M.coverage_at_k(top, rows, candidates, K),
+        "novelty@10": M.novelty_at_k(top, rows, train.users, train.movies, K),
     }
-    curves = {
-        "popularity": M.hit_rate_curve(popular, test.users, test.movies, test.stars, 5.0, k_curve)
+
+
+def sliced_tables(
+    systems: dict[str, np.ndarray], train: Split, test: Split
+) -> dict[str, list[dict[str, Any]]]:
+    """hit@10 / recall@10 / NDCG@10 per user-activity bucket (training ratings) and per item
+    popularity bucket, one row per (system, bucket)."""
+    activity = np.bincount(train.users, minlength=int(test.users.max(initial=0)) + 1)
+    item_counts = np.bincount(train.movies, minlength=int(test.movies.max(initial=0)) + 1)
+    slices = {
+        "by user activity (training ratings)": (
+            M.bucket_by_edges(activity[test.users]), M.bucket_labels()
+        ),
+        "by item popularity": (M.popularity_buckets(item_counts)[test.movies], M.POPULARITY_LABELS),
     }
-    return baselines, curves
+    tables = {}
+    for title, (row_slice, labels) in slices.items():
+        rows = []
+        for system, top in systems.items():
+            by_bucket = M.sliced_topk_metrics(
+                top, test.users, test.movies, test.stars, row_slice, labels, K
+            )
+            for label, values in by_bucket.items():
+                rows.append({"system": system, "bucket": label, **values})
+        tables[title] = rows
+    return tables
 
 
 def evaluate(
@@ -182,12 +281,16 @@ def evaluate(
 ) -> EvaluationResult:
     """Everything the stage computes, as a plain result object (no files written)."""
     train = Split.load(examples_dir, F.TRAIN_SPLIT)
+    validation = Split.load_optional(examples_dir, F.VALIDATION_SPLIT)
     test = Split.load(examples_dir, F.TEST_SPLIT)
+    seen = concat_splits(train, validation)  # every pair outside the test split is skipped
     candidate = ServedModel(model_dir)
-    metrics, curve = score_served_model(candidate, train, test)
-    baselines, curves = evaluate_baselines(
-        train, test, max(candidate.num_users, int(test.users.max(initial=0)) + 1), len(curve)
-    )
+    model = score_served_model(candidate, seen, test, train)
+    num_rows = max(candidate.num_users, int(test.users.max(initial=0)) + 1)
+    baselines, notes = evaluate_baselines(train, validation, test, num_rows)
+    ranked = {"model": model, **{k: v for k, v in baselines.items() if isinstance(v, Scored)}}
+    for scored in ranked.values():
+        scored.metrics.update(beyond_accuracy(scored.top, test, train))
     previous = None
     if previous_model_path:
         log.info("comparing with the previously blessed model %s", previous_model_path)
@@ -195,14 +298,26 @@ def evaluate(
             tempfile.TemporaryDirectory(prefix="mtrec-previous-") as workdir,
             storage.local_copy(previous_model_path, workdir) as local,
         ):
-            previous_metrics, _ = score_served_model(ServedModel(local), train, test)
+            previous_metrics = score_served_model(ServedModel(local), seen, test, train).metrics
         previous = {
             "version": int(storage.basename(previous_model_path)),
             "path": previous_model_path,
             "metrics": previous_metrics,
         }
-    gates = build_gates(metrics, baselines, previous, config)
-    return EvaluationResult(metrics, baselines, previous, gates, {"model": curve, **curves})
+    baseline_metrics = {
+        name: value.metrics if isinstance(value, Scored) else value
+        for name, value in baselines.items()
+    }
+    gates = build_gates(model.metrics, baseline_metrics, previous, config)
+    return EvaluationResult(
+        model.metrics,
+        baseline_metrics,
+        previous,
+        gates,
+        {name: scored.curve for name, scored in ranked.items()},
+        sliced_tables({name: scored.top for name, scored in ranked.items()}, train, test),
+        notes,
+    )
 
 
 def write_evaluation(
@@ -227,6 +342,8 @@ def write_evaluation(
             result.table(),
             result.hit_curves,
             gates=[g.to_dict() for g in result.gates],
+            slices=result.slices,
+            notes=result.notes,
             **(context or {}),
         )
     return {key: os.path.join(out_dir, os.path.basename(path)) for key, path in names.items()}

@@ -74,6 +74,16 @@ def build_gates(
                 "beats the bias model's RMSE by baseline_rmse_margin",
             )
         )
+    if config.require_beat_ease and "EASE" in baselines:
+        gates.append(
+            Gate(
+                "hit@10 vs EASE",
+                hit,
+                baselines["EASE"]["hit@10"] + config.ease_hit_rate_margin,
+                ">=",
+                "beats EASE's hit@10 (lambda chosen on validation) by ease_hit_rate_margin",
+            )
+        )
     if previous:
         version = previous["version"]
         gates.append(

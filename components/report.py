@@ -168,6 +168,8 @@ def write_report(
     data: dict[str, Any] | None = None,
     configuration: dict[str, dict[str, Any]] | None = None,
     timings: dict[str, Any] | None = None,
+    slices: dict[str, list[dict[str, Any]]] | None = None,
+    notes: list[str] | None = None,
     title: str = "mtrec evaluation",
 ) -> dict[str, str]:
     """Write report.md, report.html and the PNGs into out_dir; return name -> path.
@@ -191,8 +193,11 @@ def write_report(
     if gates:
         md += [f"Verdict: **{verdict}**", ""]
     md += ["## Systems", "", format_table(rows), ""]
+    md += [f"- {note}" for note in notes or []] + ([""] if notes else [])
     if gates:
         md += ["## Gates", "", format_table(_gate_rows(gates), _GATE_COLUMNS), ""]
+    for name, table in (slices or {}).items():
+        md += [f"## Slices {name}", "", format_table(table), ""]
     md += ["## Plots", ""]
     if "training_curves" in paths:
         md += [f"![training curves]({TRAINING_CURVES_PNG})", ""]
@@ -215,8 +220,16 @@ def write_report(
     if gates:
         parts.append(f'<p class="verdict" style="background:{colour}">{verdict}</p>')
     parts += ["<h2>Systems</h2>", _html_table(rows)]
+    parts += [f"<p class=note>{html_lib.escape(note)}</p>" for note in notes or []]
     if gates:
         parts += ["<h2>Gates</h2>", _html_table(_gate_rows(gates), _GATE_COLUMNS)]
+    if slices:
+        parts.append('<div class="grid">')
+        for name, table in slices.items():
+            parts.append(
+                f"<section><h2>Slices {html_lib.escape(name)}</h2>{_html_table(table)}</section>"
+            )
+        parts.append("</div>")
     parts.append("<h2>Training and hit rate</h2>")
     for key, alt in (("training_curves", "training curves"), ("hit_at_k", "hit rate at k")):
         if key in paths:
@@ -237,7 +250,7 @@ _CSS = (
     "table{border-collapse:collapse;font-size:.9em}"
     "th,td{border:1px solid #ddd;padding:3px 8px;text-align:right}"
     "td:first-child,th:first-child{text-align:left}th{background:#f4f4f4}"
-    "img{max-width:100%}.verdict{display:inline-block;color:#fff;padding:4px 12px;"
+    "img{max-width:100%}.note{color:#555;font-size:.9em;margin:.3em 0}.verdict{display:inline-block;color:#fff;padding:4px 12px;"
     "border-radius:4px;font-weight:bold}"
     ".grid{display:flex;flex-wrap:wrap;gap:0 2em}.grid section{flex:0 1 auto}"
 )

@@ -19,7 +19,13 @@ from components.config import (
     PreprocessingConfig,
     TrainingConfig,
 )
-from components.evaluation import Split, evaluate_baselines, score_served_model
+from components.evaluation import (
+    Scored,
+    Split,
+    concat_splits,
+    evaluate_baselines,
+    score_served_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +73,7 @@ def train_and_evaluate(examples_dir: str, configs: dict[str, TrainingConfig]) ->
     from components.training import run_training
 
     train = Split.load(examples_dir, F.TRAIN_SPLIT)
+    seen = concat_splits(train, Split.load_optional(examples_dir, F.VALIDATION_SPLIT))
     test = Split.load(examples_dir, F.TEST_SPLIT)
     outcomes = []
     for name, config in configs.items():
@@ -75,17 +82,25 @@ def train_and_evaluate(examples_dir: str, configs: dict[str, TrainingConfig]) ->
             model_dir = os.path.join(workdir, "model")
             history = run_training(examples_dir, model_dir, config)
             seconds = time.perf_counter() - started
-            metrics, curve = score_served_model(ServedModel(model_dir), train, test)
-        log.info("%s: %s (%.1fs)", name, metrics, seconds)
-        outcomes.append(Outcome(name, metrics, history, curve, seconds))
+            scored = score_served_model(ServedModel(model_dir), seen, test, train)
+        log.info("%s: %s (%.1fs)", name, scored.metrics, seconds)
+        outcomes.append(Outcome(name, scored.metrics, history, scored.curve, seconds))
     return outcomes
 
 
 def baseline_rows(examples_dir: str, num_rows: int) -> tuple[list[dict], dict[str, np.ndarray]]:
     train = Split.load(examples_dir, F.TRAIN_SPLIT)
+    validation = Split.load_optional(examples_dir, F.VALIDATION_SPLIT)
     test = Split.load(examples_dir, F.TEST_SPLIT)
-    baselines, curves = evaluate_baselines(train, test, num_rows, 10)
-    return [{"system": f"baseline: {k}", **v} for k, v in baselines.items()], curves
+    baselines, _ = evaluate_baselines(train, validation, test, num_rows)
+    rows, curves = [], {}
+    for name, value in baselines.items():
+        if isinstance(value, Scored):
+            rows.append({"system": f"baseline: {name}", **value.metrics})
+            curves[name] = value.curve
+        else:
+            rows.append({"system": f"baseline: {name}", **value})
+    return rows, curves
 
 
 def compare_variants(data_dir: str, out_dir: str, epochs: int | None = None) -> list[dict]:

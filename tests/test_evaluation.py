@@ -49,6 +49,15 @@ def test_gates_require_a_margin_over_baselines():
     assert len(build_gates(METRICS, BASELINES, None, relaxed)) == 2
 
 
+def test_the_ease_gate_needs_a_margin_and_only_when_ease_ran():
+    baselines = {**BASELINES, "EASE": {"hit@10": 0.245}}
+    verdicts = _verdicts(build_gates(METRICS, baselines, None, GateConfig(ease_hit_rate_margin=0.01)))
+    assert verdicts["hit@10 vs EASE"] is False  # 0.25 < 0.245 + 0.01
+    verdicts = _verdicts(build_gates(METRICS, baselines, None, GateConfig(ease_hit_rate_margin=0.0)))
+    assert verdicts["hit@10 vs EASE"] is True
+    assert "hit@10 vs EASE" not in _verdicts(build_gates(METRICS, BASELINES, None, GateConfig()))
+
+
 def test_gates_against_the_previous_blessed_model():
     previous = {"version": 3, "metrics": {"hit@10": 0.30, "rmse": 0.21}}
     gates = build_gates(METRICS, BASELINES, previous, GateConfig())
@@ -77,7 +86,8 @@ def test_offline_metrics_are_the_served_models(tmp_path, small_examples, small_m
     test = Split.load(examples, F.TEST_SPLIT)
     seen = SeenMovies(train.users, train.movies, small_model.num_users)
     path = export_saved_model(small_model, seen, str(tmp_path), "m")
-    served, curve = score_served_model(ServedModel(path), train, test)
+    scored = score_served_model(ServedModel(path), train, test, train)
+    served, curve = scored.metrics, scored.curve
 
     users = np.arange(small_model.num_users, dtype=np.int32)
     _, top = small_model.recommend(tf.constant(users), seen=seen)
@@ -93,7 +103,10 @@ def test_offline_metrics_are_the_served_models(tmp_path, small_examples, small_m
 def test_evaluate_and_write(tmp_path, small_examples, small_saved_model):
     result = evaluate(small_saved_model, small_examples["examples"], GateConfig(max_rmse=0.0))
     assert not result.blessed
-    assert set(result.baselines) == {"popularity", "global mean", "user+item bias"}
+    assert set(result.baselines) == {"popularity", "EASE", "global mean", "user+item bias"}
+    assert result.notes[0].startswith("EASE lambda ")
+    assert {"coverage@10", "novelty@10"} <= set(result.metrics)
+    assert set(result.slices) == {"by user activity (training ratings)", "by item popularity"}
     assert {"hit@10", "recall@10", "ndcg@10", "seed_hit@10", "rmse", "rmse_stars"} <= set(
         result.metrics
     )

@@ -28,6 +28,7 @@ def test_compare_trains_the_seed_variants_next_to_ours(tmp_path, small_data_dir)
         "mtrec retrieval-only",
         "mtrec joint",
         "baseline: popularity",
+        "baseline: EASE",
         "baseline: global mean",
         "baseline: user+item bias",
     ]
