@@ -50,20 +50,6 @@ class ExcludingBruteForceRetrieval(keras_rs.layers.BruteForceRetrieval):
         return top_scores, top_ids
 
 
-def remove_accidental_hits(logits, labels, candidate_ids):
-    """Mask negatives that are the row's own positive movie (the same movie twice in a batch).
-
-    keras-rs 0.4.0's `RemoveAccidentalHits` adds `finfo.smallest_normal / 100` (a tiny positive
-    number) instead of a large negative one, so it leaves the logits unchanged; this is the same
-    operation with a mask that works.
-    """
-    positives = ops.take(candidate_ids, ops.argmax(labels, axis=-1))
-    duplicate = ops.logical_and(
-        ops.equal(positives[:, None], candidate_ids[None, :]), ops.equal(labels, 0)
-    )
-    return ops.where(duplicate, EXCLUDED_SCORE, logits)
-
-
 def learning_rate_schedule(
     config: TrainingConfig, train_rows: int
 ) -> keras.optimizers.schedules.LearningRateSchedule | None:
@@ -346,7 +332,6 @@ class Recommender(keras.Model):
             column_ids = ops.concatenate([movie_ids, sampled_ids], axis=0)
             columns = ops.concatenate([movie, self._movie_vector(sampled_ids)], axis=0)
         logits = ops.matmul(user, ops.transpose(columns)) / config.temperature
-        labels = ops.one_hot(ops.arange(batch), ops.shape(logits)[1], dtype=logits.dtype)
         if config.sampling_correction_weight:
             if config.retrieval_negatives == "mixed":
                 expected = ops.cast(batch, "float32") * ops.take(
@@ -356,9 +341,16 @@ class Recommender(keras.Model):
             else:
                 log_q = ops.take(self._log_sampling_probability, column_ids)
             logits = logits - config.sampling_correction_weight * log_q[None, :]
+        # Row i's positive is column i. Cross-entropy without a one-hot label matrix:
+        # logsumexp over the row (accidental hits, other columns holding the row's own movie,
+        # masked out) minus the positive's logit. (keras-rs 0.4.0's RemoveAccidentalHits adds
+        # a tiny positive number instead of a large negative one: it leaves logits unchanged.)
+        positive = tf.linalg.diag_part(logits[:, :batch])
         if config.remove_accidental_hits:
-            logits = remove_accidental_hits(logits, labels, column_ids)
-        return keras.losses.categorical_crossentropy(labels, logits, from_logits=True)
+            same = ops.equal(movie_ids[:, None], column_ids[None, :])
+            others = ops.logsumexp(ops.where(same, EXCLUDED_SCORE, logits), axis=1)
+            return ops.logaddexp(others, positive) - positive
+        return ops.logsumexp(logits, axis=1) - positive
 
     def _sample_negative_ids(self):
         """`sampled_negatives` candidate movie ids drawn uniformly (with replacement)."""
