@@ -268,7 +268,8 @@ def sliced_tables(
                 top, test.users, test.movies, test.stars, row_slice, labels, K
             )
             for label, values in by_bucket.items():
-                rows.append({"system": system, "bucket": label, **values})
+                counts = {k: int(v) for k, v in values.items() if k == "rows"}
+                rows.append({"system": system, "bucket": label, **values, **counts})
         tables[title] = rows
     return tables
 

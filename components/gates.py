@@ -74,7 +74,7 @@ def build_gates(
                 "beats the bias model's RMSE by baseline_rmse_margin",
             )
         )
-    if config.require_beat_ease and "EASE" in baselines:
+    if config.require_beat_baselines and "EASE" in baselines:
         gates.append(
             Gate(
                 "hit@10 vs EASE",
