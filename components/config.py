@@ -1,8 +1,9 @@
 """The pipeline's configuration: one typed object, parsed once at the entry point.
 
 `PipelineConfig` groups one dataclass per stage. Each stage section round-trips through a plain
-dict (`to_dict` / `from_dict`), which is how it travels as a KFP pipeline parameter. `SEED` is the
-seed notebook's settings; `DEFAULT` is the tuned model that beats the baselines (issue 5).
+dict (`to_dict` / `from_dict`), which is how it travels as a KFP pipeline parameter.
+`SEED_TRAINING` is the seed notebook's settings (the `seed` preset); `DEFAULT_TRAINING` the tuned
+model (the `default` preset). `KubeflowConfig` holds the cluster's platform settings only.
 """
 
 import dataclasses

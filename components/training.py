@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from components import features as F
 from components import progress
-from components.config import TrainingConfig
+from components.config import ConfigError, TrainingConfig
 from components.examples import load_columns, load_stats, make_dataset
 from components.model import Recommender, SeenMovies
 from components.saved_model import write_saved_model
@@ -80,7 +80,15 @@ def build_model(examples_dir: str, config: TrainingConfig) -> Recommender:
     train = load_columns(examples_dir, F.TRAIN_SPLIT)
     num_movies = stats["max_movie_id"] + 1
     counts = np.bincount(train[F.MOVIE_ID], minlength=num_movies)
-    model = Recommender(stats["max_user_id"] + 1, num_movies, counts, config)
+    if config.use_side_features:
+        raise ConfigError(
+            "use_side_features: the pipeline does not carry side features yet (ingestion keeps "
+            "ids and titles only); bench/levers.py measures them from the raw ml-100k folder"
+        )
+    history = None
+    if config.user_history_pooling != "none":
+        history = (train[F.USER_ID], train[F.MOVIE_ID])
+    model = Recommender(stats["max_user_id"] + 1, num_movies, counts, config, user_history=history)
     model.build_for_ids()
     return model
 
