@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
@@ -160,29 +161,32 @@ def read_chunks(
         yield source, chunk
 
 
+@dataclass(frozen=True)
+class ParseSettings:
+    """How to read the ingested lines: the split keys' seed and kind, the release's layout, and
+    the lines the duplicate rule drops (from ingestion.json)."""
+
+    seed: int
+    split: str = SPLIT_RANDOM
+    layout: Layout = ML_100K
+    superseded: frozenset[int] = frozenset()
+
+
 class _ParseChunkFn(beam.DoFn):
     """A chunk of lines -> one dict of numpy columns (valid rows) + dead letters (BadRow)."""
 
-    def __init__(
-        self,
-        seed: int,
-        split: str = SPLIT_RANDOM,
-        layout: Layout = ML_100K,
-        superseded: frozenset[int] = frozenset(),
-    ):
+    def __init__(self, settings: ParseSettings):
         super().__init__()
-        self._seed = seed
-        self._split = split
-        self._layout = layout
-        self._superseded = superseded
+        self._settings = settings
 
     def process(self, element: tuple[str, list[tuple[int, str]]]) -> Iterable[Any]:
         source, lines = element
+        settings = self._settings
         users, movies, stars, times = [], [], [], []
         for number, line in lines:
-            if number in self._superseded or (self._layout.header and number == 1):
+            if number in settings.superseded or (settings.layout.header and number == 1):
                 continue  # a duplicate the rule drops (counted by ingestion), or the header
-            parsed = parse_rating_line(line, source, number, self._layout)
+            parsed = parse_rating_line(line, source, number, settings.layout)
             if isinstance(parsed, BadRow):
                 yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, parsed)
                 continue
@@ -198,11 +202,11 @@ class _ParseChunkFn(beam.DoFn):
                 "timestamps": np.asarray(times, dtype=np.int64),
             }
             chunk["keys"] = split_keys(
-                chunk["users"], chunk["movies"], chunk["timestamps"], self._seed
+                chunk["users"], chunk["movies"], chunk["timestamps"], settings.seed
             )
-            if self._split != SPLIT_RANDOM:
+            if settings.split != SPLIT_RANDOM:
                 chunk["recency"] = recency_keys(chunk["timestamps"], chunk["keys"])
-            if self._split == SPLIT_TEMPORAL:  # the newest rows get the smallest keys
+            if settings.split == SPLIT_TEMPORAL:  # the newest rows get the smallest keys
                 chunk["keys"] = ~chunk["recency"]
             yield chunk
 
@@ -210,15 +214,9 @@ class _ParseChunkFn(beam.DoFn):
 class ParseRatings(beam.PTransform):
     """(source, [(line number, line)]) chunks -> column chunks, plus a `dead_letter` output."""
 
-    def __init__(
-        self,
-        seed: int,
-        split: str = SPLIT_RANDOM,
-        layout: Layout = ML_100K,
-        superseded: frozenset[int] = frozenset(),
-    ):
+    def __init__(self, settings: ParseSettings):
         super().__init__()
-        self._parse = _ParseChunkFn(seed, split, layout, superseded)
+        self._parse = _ParseChunkFn(settings)
 
     def expand(self, chunks):
         outputs = chunks | "Parse" >> beam.ParDo(self._parse).with_outputs(
@@ -457,7 +455,7 @@ def build_pipeline(
         | "ReadChunks" >> beam.FlatMap(lambda path: read_chunks(path, names.get(path, path)))
     )
     parsed = chunks | "ParseRatings" >> ParseRatings(
-        config.split_seed, config.split, layout, superseded
+        ParseSettings(config.split_seed, config.split, layout, superseded)
     )
     ratings, dead = parsed["ratings"], parsed[DEAD_LETTER_TAG]
     if config.split == SPLIT_LAST_K:

@@ -17,6 +17,7 @@ from components.preprocessing import (
     DEAD_LETTER_TAG,
     SPLIT_ORDER,
     ParseRatings,
+    ParseSettings,
     SplitRatings,
     assign_splits,
     find_cuts,
@@ -52,7 +53,7 @@ def test_parse_ratings_sends_malformed_lines_to_dead_letter():
         ],
     )
     with TestPipeline(options=_options()) as p:
-        out = p | beam.Create([chunk]) | ParseRatings(seed=1)
+        out = p | beam.Create([chunk]) | ParseRatings(ParseSettings(seed=1))
         assert_that(
             out["ratings"] | beam.FlatMap(_rows),
             equal_to([(1, 10, 5.0, 100), (5, 13, 1.0, 100)]),
