@@ -12,20 +12,23 @@ from components.layout import SAVED_MODEL_FILE, list_versions
 
 
 def _upload_folder(local: str, remote: str) -> None:
-    for name in os.listdir(local):
+    for name in ("u.data", "u.item"):
         storage.upload_file(os.path.join(local, name), storage.join(remote, name))
 
 
 @pytest.mark.slow
 def test_mtrec_run_reads_and_pushes_through_s3(tmp_path, s3_bucket, small_data_dir):
+    """The real ml-100k when ../shared has it (CI does), else the generated stand-in."""
     from pipeline.runners import run_local
+    from tests.conftest import SHARED_ML100K
 
-    _upload_folder(small_data_dir, f"{s3_bucket}/data/ml-small")
+    real = os.path.isfile(os.path.join(SHARED_ML100K, "u.data"))
+    _upload_folder(SHARED_ML100K if real else small_data_dir, f"{s3_bucket}/data/ml-100k")
     config = PipelineConfig(
-        data_dir=f"{s3_bucket}/data/ml-small",
+        data_dir=f"{s3_bucket}/data/ml-100k",
         serving_model_dir=f"{s3_bucket}/models",
         output_dir=str(tmp_path / "out"),
-        training=TrainingConfig(epochs=1, batch_size=256),
+        training=TrainingConfig(epochs=1, batch_size=1024),
         gates=GateConfig(max_rmse=1.0, min_hit_rate=0.0, require_beat_baselines=False),
     )
     first = run_local(config)
@@ -72,3 +75,28 @@ def _upload_tree(local: str, remote: str) -> None:
     files = storage.local_files(local)
     for relative in [f for f in files if f != SAVED_MODEL_FILE] + [SAVED_MODEL_FILE]:
         storage.upload_file(os.path.join(local, relative), storage.join(remote, relative))
+
+
+def test_a_broken_candidate_is_never_pushed(tmp_path, s3_bucket, small_saved_model):
+    """Infra-validation fails on a candidate TF Serving cannot load, so the push has no infra
+    blessing to show and refuses: nothing reaches the bucket."""
+    import json
+    import shutil
+
+    from components import features as F
+    from components.errors import GateError
+    from components.infra_validation import run_infra_validation
+    from components.pusher import push
+
+    broken = str(tmp_path / "broken")
+    shutil.copytree(small_saved_model, broken)
+    with open(os.path.join(broken, SAVED_MODEL_FILE), "wb") as handle:
+        handle.write(b"not a SavedModel")
+    with pytest.raises(GateError, match="fails as TF Serving loads it"):
+        run_infra_validation(broken, str(tmp_path / "infra"))
+    blessing = tmp_path / "blessing"
+    blessing.mkdir()
+    (blessing / F.BLESSING_FILE).write_text(json.dumps({"blessed": True, "gates": []}))
+    with pytest.raises(GateError, match="infra_blessing.json: not found"):
+        push(broken, str(blessing), str(tmp_path / "infra"), f"{s3_bucket}/models", "mtrec")
+    assert storage.listdir(f"{s3_bucket}/models") == []
