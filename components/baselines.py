@@ -20,8 +20,10 @@ DEFAULT_ITEM_REG = 2.0
 # Cells of the [users, candidates] seen-mask built per chunk in `popularity_top_k`.
 _CHUNK_CELLS = 1 << 24
 
-# EASE holds a dense [items, items] matrix (20k items: 3.2 GB in float64): above this, skip it.
-EASE_MAX_ITEMS = 20_000
+# EASE holds dense [items, items] matrices and costs ~items^3 flops per lambda tried: on 2 cores,
+# 11.8k items took minutes and 5.9 GB (bench/scale.py at 1M rows). Above this, skip it (ML-1M's
+# 3.7k items fit; ML-10M's 10.7k do not).
+EASE_MAX_ITEMS = 5_000
 # The grid EASE's lambda is chosen from on validation (ML-100k's best is in 200..800).
 EASE_LAMBDAS = (50.0, 100.0, 200.0, 350.0, 500.0, 800.0, 1200.0, 2000.0)
 

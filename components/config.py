@@ -227,7 +227,7 @@ class GateConfig(_Section):
     baseline_hit_rate_margin: float = 0.02  # over popularity's hit@10
     baseline_rmse_margin: float = 0.002  # under the user+item bias model's RMSE
     # Over EASE's hit@10 (item-item, closed form: the strongest simple baseline; it is skipped,
-    # and so is its gate, above 20k items).
+    # and so is its gate, above baselines.EASE_MAX_ITEMS items).
     ease_hit_rate_margin: float = 0.01  # the default model clears it by ~0.027 on ML-100k
     # Against the previously blessed model in the export location (TFX's change threshold).
     max_regression_rmse: float = 0.01

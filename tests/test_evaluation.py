@@ -135,3 +135,15 @@ def test_the_previous_model_is_scored_by_the_same_code(tmp_path, small_examples,
     assert result.previous["version"] == 4
     for name in ("hit@10", "rmse"):
         assert result.previous["metrics"][name] == pytest.approx(result.metrics[name], abs=1e-9)
+
+
+def test_ease_is_skipped_with_a_reason_on_a_large_catalogue():
+    from components.baselines import EASE_MAX_ITEMS
+    from components.evaluation import fit_ease
+
+    ids = np.array([1, 2], dtype=np.int32)
+    train = Split(ids, np.array([1, EASE_MAX_ITEMS + 5], dtype=np.int32), np.zeros(2), np.zeros(2))
+    ease, note = fit_ease(train, train, num_rows=3, num_items=EASE_MAX_ITEMS + 6)
+    assert ease is None and note.startswith("EASE skipped:") and str(EASE_MAX_ITEMS) in note
+    ease, note = fit_ease(train, Split(ids[:0], ids[:0], np.zeros(0), np.zeros(0)), 3, 10)
+    assert ease is None and "no validation split" in note
