@@ -44,9 +44,10 @@ def generate(directory: str, rows: int, seed: int = 0) -> str:
     cdfs = [np.cumsum(popularity[ids]) / popularity[ids].sum() for ids in by_cluster]
     # Users: skewed activity (at least 20 ratings), two favourite clusters.
     activity = rng.lognormal(0.0, 1.0, users)
-    counts = np.maximum(20, (activity / activity.sum() * rows).astype(np.int64))
+    # Drawn with 100% to spare: repeated (user, movie) draws are dropped below.
+    counts = np.maximum(20, (activity / activity.sum() * rows * 2.0).astype(np.int64))
     counts[-1] += max(0, rows - counts.sum())
-    user_of_row = np.repeat(np.arange(1, users + 1), counts)[:rows]
+    user_of_row = np.repeat(np.arange(1, users + 1), counts)
     favourite = rng.integers(0, CLUSTERS, (users + 1, 2))
     likes = rng.random(len(user_of_row)) < 0.7
     cluster = np.where(
@@ -58,6 +59,11 @@ def generate(directory: str, rows: int, seed: int = 0) -> str:
         rows_c = np.flatnonzero(cluster == c)
         picks = np.searchsorted(cdfs[c], rng.random(rows_c.size))
         movie_of_row[rows_c] = by_cluster[c][np.minimum(picks, len(by_cluster[c]) - 1)] + 1
+    # One rating per (user, movie), as MovieLens has: drop repeated draws (popular movies of a
+    # favourite cluster come up again), keeping the first.
+    _, first = np.unique(user_of_row * (movies + 1) + movie_of_row, return_index=True)
+    keep = np.sort(rng.choice(first, min(rows, first.size), replace=False))
+    user_of_row, movie_of_row, likes = user_of_row[keep], movie_of_row[keep], likes[keep]
     stars = np.clip(np.round((3.0 + 1.2 * likes + rng.normal(0, 0.8, likes.size)) * 2) / 2, 0.5, 5)
     times = 1_000_000_000 + rng.integers(0, 600_000_000, likes.size)
     with open(os.path.join(directory, "ratings.csv"), "w", encoding="utf-8") as out:
