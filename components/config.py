@@ -295,6 +295,9 @@ class PipelineConfig:
     output_dir: str = "mtrec-output"
     model_name: str = DEFAULT_MODEL_NAME
     serving_model_dir: str = ""  # where blessed models are pushed; empty = <output_dir>/serving
+    # After blessing, refit on train + validation + test with the same settings and push that
+    # model (the blessing keeps the evaluated model's figures).
+    refit_on_all: bool = False
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     gates: GateConfig = field(default_factory=GateConfig)

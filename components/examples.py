@@ -102,7 +102,7 @@ def feature_spec() -> dict:
 
 def make_dataset(
     examples_dir: str,
-    split: str,
+    split: str | tuple[str, ...],
     batch_size: int,
     shuffle: bool = False,
     seed: int = 0,
@@ -116,7 +116,9 @@ def make_dataset(
     `rows` (from stats.json) is checked against what the shards hold."""
     import tensorflow as tf
 
-    columns = load_columns(examples_dir, split)
+    splits = (split,) if isinstance(split, str) else split
+    parts = [load_columns(examples_dir, name) for name in splits]
+    columns = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
     if rows is not None and len(columns[F.USER_ID]) != rows:
         raise DataError(
             f"{examples_dir}: {split} holds {len(columns[F.USER_ID])} rows, stats.json says {rows}"

@@ -74,10 +74,13 @@ class _EpochLog(keras.callbacks.Callback):
         )
 
 
-def build_model(examples_dir: str, config: TrainingConfig) -> Recommender:
-    """A fresh model sized from stats.json, with candidates/sampling from the training split."""
+def build_model(
+    examples_dir: str, config: TrainingConfig, fit_splits: tuple[str, ...] = (F.TRAIN_SPLIT,)
+) -> Recommender:
+    """A fresh model sized from stats.json, with candidates/sampling from the splits it fits."""
     stats = load_stats(examples_dir)
-    train = load_columns(examples_dir, F.TRAIN_SPLIT)
+    parts = [load_columns(examples_dir, split) for split in fit_splits]
+    train = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
     num_movies = stats["max_movie_id"] + 1
     counts = np.bincount(train[F.MOVIE_ID], minlength=num_movies)
     if config.use_side_features:
@@ -94,26 +97,31 @@ def build_model(examples_dir: str, config: TrainingConfig) -> Recommender:
 
 
 def train_model(
-    examples_dir: str, config: TrainingConfig, verbose: int = 0
+    examples_dir: str,
+    config: TrainingConfig,
+    verbose: int = 0,
+    fit_splits: tuple[str, ...] = (F.TRAIN_SPLIT,),
 ) -> tuple[Recommender, dict[str, list[float]]]:
-    """Fit a model; returns it (candidates indexed, ready to retrieve) and its history."""
+    """Fit a model on `fit_splits` (the train split; every split for the final refit); returns
+    it (candidates indexed, ready to retrieve) and its history."""
     keras.utils.set_random_seed(config.shuffle_seed)
     log.info(describe_devices())
-    model = build_model(examples_dir, config)
+    model = build_model(examples_dir, config, fit_splits)
     model.compile(optimizer=make_optimizer(config))
     rows = load_stats(examples_dir)["rows"]
-    steps = -(-rows[F.TRAIN_SPLIT] // config.batch_size)
+    fit_rows = sum(rows[split] for split in fit_splits)
+    steps = -(-fit_rows // config.batch_size)
     train = make_dataset(
         examples_dir,
-        F.TRAIN_SPLIT,
+        fit_splits,
         config.batch_size,
         shuffle=True,
         seed=config.shuffle_seed,
-        rows=rows[F.TRAIN_SPLIT],
+        rows=fit_rows,
     )
     # Same batch size as training: the in-batch retrieval loss is only comparable at equal size.
     validation = None
-    if rows.get(F.VALIDATION_SPLIT):
+    if rows.get(F.VALIDATION_SPLIT) and F.VALIDATION_SPLIT not in fit_splits:
         validation = make_dataset(
             examples_dir, F.VALIDATION_SPLIT, config.batch_size, rows=rows[F.VALIDATION_SPLIT]
         )
@@ -151,11 +159,14 @@ def run_training(
     model_dir: str,
     config: TrainingConfig,
     model_name: str = F.DEFAULT_MODEL_NAME,
+    refit_on_all: bool = False,
 ) -> dict:
     """Train and write the serving SavedModel into `model_dir` (atomically); returns the
-    history."""
+    history. `refit_on_all`: the final fit after blessing, on every split (train, validation
+    and test) with the same settings; the blessing keeps the evaluated model's figures."""
     started = time.perf_counter()
-    model, history = train_model(examples_dir, config)
+    fit_splits = tuple(s for s in F.SPLITS if _has_rows(examples_dir, s)) if refit_on_all else (F.TRAIN_SPLIT,)
+    model, history = train_model(examples_dir, config, fit_splits=fit_splits)
     seen = rated_movies(examples_dir, model.num_users)
     stats = load_stats(examples_dir)
     with atomic_output_dir(model_dir) as staging:
@@ -166,6 +177,7 @@ def run_training(
             history,
             {
                 "train_seconds": round(time.perf_counter() - started, 2),
+                "fit_splits": list(fit_splits),
                 "examples_rows": stats["rows"],
                 "stars_range": stats.get("stars_range", list(F.DEFAULT_STARS_RANGE)),
             },

@@ -133,6 +133,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         output_dir=values.get("output") or "mtrec-output",
         model_name=values.get("model_name") or DEFAULT_MODEL_NAME,
         serving_model_dir=values.get("serving_model_dir") or "",
+        refit_on_all=bool(values.get("refit_on_all")),
         **sections,
     )
 
@@ -169,6 +170,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if result.blessed or not args.require_blessed else 3
 
 
+REFIT_HELP = (
+    "after blessing, refit on train + validation + test with the same settings and push that "
+    "model (the blessing keeps the evaluated model's figures)"
+)
 SUMMARY_COLUMNS = ("system", "hit@10", "recall@10", "ndcg@10", "seed_hit@10", "rmse", "rmse_stars")
 
 
@@ -320,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--serving-model-dir",
         help="where blessed models are pushed: local, s3:// or gs:// (default: <output>/serving)",
     )
+    run.add_argument("--refit-on-all", action="store_true", help=REFIT_HELP)
     run.add_argument(
         "--require-blessed",
         action="store_true",
@@ -347,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.add_argument("--serving-model-dir", default=DEFAULT_SERVING_MODEL_DIR)
         sub.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
+        sub.add_argument("--refit-on-all", action="store_true", help=REFIT_HELP)
         if name == "submit":
             sub.add_argument("--run-name")
         else:

@@ -85,6 +85,7 @@ def create_pipeline(settings: KubeflowConfig | None = None):
         preprocessing_config: dict = _PREPROCESSING_DEFAULTS,
         training_config: dict = _TRAINING_DEFAULTS,
         gate_config: dict = _GATE_DEFAULTS,
+        refit_on_all: bool = False,
     ) -> PipelineOutputs:
         ingest = ingestion(data_dir=data_dir).set_display_name("ingestion")
         _storage_task(ingest, settings)
@@ -109,20 +110,39 @@ def create_pipeline(settings: KubeflowConfig | None = None):
         _storage_task(evaluate, settings)
         # The blessing is the evaluation's return value, `Output` (kfp.local resolves only that
         # name in conditions).
-        with dsl.If(evaluate.outputs["Output"] == True, name="model-is-blessed"):  # noqa: E712
-            validate = infra_validation(
-                model=train.outputs["model"], model_name=model_name
-            ).set_display_name("infra-validation")
+        tasks = [ingest, prepare, train, evaluate]
+
+        def validate_and_push(model):
+            validate = infra_validation(model=model, model_name=model_name)
+            validate.set_display_name("infra-validation")
             pushed = push(
-                model=train.outputs["model"],
+                model=model,
                 blessing=evaluate.outputs["blessing"],
                 infra_blessing=validate.outputs["infra_blessing"],
                 serving_model_dir=serving_model_dir,
                 model_name=model_name,
             ).set_display_name("push")
-            _storage_task(pushed, settings)
+            tasks.extend([validate, _storage_task(pushed, settings)])
+
+        with dsl.If(evaluate.outputs["Output"] == True, name="model-is-blessed"):  # noqa: E712
+            with dsl.If(refit_on_all == False, name="push-the-evaluated-model"):  # noqa: E712
+                validate_and_push(train.outputs["model"])
+            with dsl.Else(name="refit-on-all-splits"):
+                # The final fit: same settings, every split; the blessing keeps the figures
+                # of the model evaluation scored.
+                refit = training(
+                    examples=prepare.outputs["examples"],
+                    training_config=training_config,
+                    model_name=model_name,
+                    refit_on_all=True,
+                ).set_display_name("refit")
+                refit.set_cpu_limit(settings.training_cpu).set_memory_limit(
+                    settings.training_memory
+                )
+                tasks.append(refit)
+                validate_and_push(refit.outputs["model"])
         if not settings.enable_caching:
-            for task in (ingest, prepare, train, evaluate, validate, pushed):
+            for task in tasks:
                 task.set_caching_options(False)
         return PipelineOutputs(
             metrics=evaluate.outputs["metrics"],

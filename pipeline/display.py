@@ -25,9 +25,12 @@ ERROR_PREFIX = "mtrec: error:"
 PIPELINE_LOG = "pipeline"  # the log of kfp.local's own lines, outside any task
 
 
+_TASK_SUFFIX = re.compile(r"-op(-[0-9]+)?$")  # kfp names a component's second task <name>-op-2
+
+
 def stage_of(task: str) -> str:
-    """kfp.local's task name ('infra-validation-op') -> the stage name ('infra-validation')."""
-    return task[: -len("-op")] if task.endswith("-op") else task
+    """kfp.local's task name ('infra-validation-op', '...-op-2') -> the stage name."""
+    return _TASK_SUFFIX.sub("", task)
 
 
 @dataclass
@@ -55,6 +58,7 @@ class StageRouter:
     stage_names: list[str]
     verbose: bool = False
     console: TextIO = field(default_factory=lambda: sys.__stdout__)
+    aliases: dict[str, str] = field(default_factory=dict)  # kfp.local task name -> stage
     stages: dict[str, Stage] = field(init=False)
     errors: list[str] = field(default_factory=list)
 
@@ -99,7 +103,7 @@ class StageRouter:
         plain = _ANSI.sub("", line)
         started = _STARTED.search(plain)
         if started:
-            self._current = stage_of(started.group(1))
+            self._current = self._name(started.group(1))
             stage = self._stage(self._current)
             stage.state, stage.started = "running", time.monotonic()
         payload = progress.parse(plain)
@@ -116,7 +120,7 @@ class StageRouter:
             self.errors.append(plain.strip())
         finished = _FINISHED.search(plain)
         if finished:
-            stage = self._stage(stage_of(finished.group(1)))
+            stage = self._stage(self._name(finished.group(1)))
             stage.finished = time.monotonic()
             stage.state = "done" if finished.group(2) == "SUCCESS" else "failed"
             self._log(stage.name).flush()
@@ -124,6 +128,9 @@ class StageRouter:
                 self.console.write(self._summary_line(stage) + "\n")
                 self.console.flush()
             self._current = PIPELINE_LOG
+
+    def _name(self, task: str) -> str:
+        return self.aliases.get(task, stage_of(task))
 
     def _stage(self, name: str) -> Stage:
         if name not in self.stages:

@@ -24,6 +24,7 @@ from pipeline.display import StageRouter
 log = logging.getLogger(__name__)
 
 STAGES = ["ingestion", "preprocessing", "training", "evaluation", "infra-validation", "push"]
+REFIT_STAGE = "refit"  # only with --refit-on-all, between evaluation and infra-validation
 LOG_DIR = "logs"  # under the output folder: one file per task
 # TensorFlow's C++ start-up notices in every task (the logs are kept anyway). Not
 # TF_ENABLE_ONEDNN_OPTS=0, which silences one more line but makes training ~1.5x slower.
@@ -39,6 +40,7 @@ def pipeline_arguments(config: PipelineConfig) -> dict:
         "preprocessing_config": config.preprocessing.to_dict(),
         "training_config": config.training.to_dict(),
         "gate_config": config.gates.to_dict(),
+        "refit_on_all": config.refit_on_all,
     }
 
 
@@ -88,7 +90,10 @@ def run_local(config: PipelineConfig, verbose: bool = False) -> LocalRun:
     )
     before = latest_version_path(config.serving_model_dir, config.model_name)
     started = time.perf_counter()
-    router = StageRouter(log_dir, list(STAGES), verbose=verbose)
+    stages = list(STAGES)
+    if config.refit_on_all:
+        stages.insert(stages.index("infra-validation"), REFIT_STAGE)
+    router = StageRouter(log_dir, stages, verbose=verbose, aliases={"training-op-2": REFIT_STAGE})
     # Retries and platform settings are for the cluster: locally a failure is reported at once.
     pipeline = create_pipeline(KubeflowConfig(retries=0))
     with router, contextlib.redirect_stdout(router), warnings.catch_warnings():

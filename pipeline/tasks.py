@@ -47,16 +47,21 @@ def training_op(
     model_name: str,
     model: Output[Model],
     training_metrics: Output[Metrics],
+    refit_on_all: bool = False,
 ):
     """Train the multi-task recommender (on the GPU the task requests, when present) and write
-    the serving SavedModel as the Model artifact."""
+    the serving SavedModel as the Model artifact; `refit_on_all`: the final fit on every split."""
     from components.config import TrainingConfig
     from components.errors import exit_on_error
     from components.training import run_training
 
     with exit_on_error():
         history = run_training(
-            examples.path, model.path, TrainingConfig.from_dict(training_config), model_name
+            examples.path,
+            model.path,
+            TrainingConfig.from_dict(training_config),
+            model_name,
+            refit_on_all,
         )
         for name, values in history.items():
             training_metrics.log_metric(f"final_{name}", values[-1])

@@ -60,7 +60,8 @@ def test_compiled_yaml_has_the_six_stages(compiled):
 
 def test_storage_tasks_mount_volumes_use_secrets_and_retry(compiled, compiled_documents):
     platform = compiled_documents[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    storage_tasks = {"exec-ingestion-op", "exec-evaluation-op", "exec-push-op"}
+    # push-op-2 is the push of the refit branch (--refit-on-all).
+    storage_tasks = {"exec-ingestion-op", "exec-evaluation-op", "exec-push-op", "exec-push-op-2"}
     assert set(platform) == storage_tasks
     for name in storage_tasks:
         mounts = {(m["mountPath"], m["constant"]) for m in platform[name]["pvcMount"]}
@@ -79,11 +80,17 @@ def test_storage_tasks_mount_volumes_use_secrets_and_retry(compiled, compiled_do
 
 
 def test_no_cache_turns_caching_off_for_every_task(tmp_path_factory, compiled):
-    assert all(t.get("cachingOptions", {}).get("enableCache") for t in _all_tasks(compiled).values() if "componentRef" in t and "triggerPolicy" not in t)
+    def container_tasks(spec):
+        return [
+            task for task in _all_tasks(spec).values()
+            if "executorLabel" in spec["components"][task["componentRef"]["name"]]
+        ]  # fmt: skip
+
+    assert len(container_tasks(compiled)) == 9  # 6 stages + the refit branch's three
+    assert all(t.get("cachingOptions", {}).get("enableCache") for t in container_tasks(compiled))
     (uncached, *_) = _compile(tmp_path_factory, CLUSTER.replace(enable_caching=False))
-    for task in _all_tasks(uncached).values():
-        if "triggerPolicy" not in task:
-            assert not task.get("cachingOptions", {}).get("enableCache")
+    for task in container_tasks(uncached):
+        assert not task.get("cachingOptions", {}).get("enableCache")
 
 
 def test_training_requests_a_gpu_and_resources(compiled):
@@ -98,18 +105,35 @@ def test_training_requests_a_gpu_and_resources(compiled):
         assert "pip install" not in " ".join(executor["container"]["command"])
 
 
+def _inner(spec, component):
+    return spec["components"][component]["dag"]["tasks"]
+
+
 def test_infra_validation_and_push_run_only_when_blessed(compiled):
     tasks = _all_tasks(compiled)
-    condition = next(t for t in tasks.values() if "triggerPolicy" in t)
-    assert "evaluation-op-Output" in condition["triggerPolicy"]["condition"]
-    assert "evaluation-op" in condition["dependentTasks"]
-    inner = compiled["components"][condition["componentRef"]["name"]]["dag"]["tasks"]
+    blessed = next(t for t in tasks.values() if t["taskInfo"]["name"] == "model-is-blessed")
+    assert "evaluation-op-Output" in blessed["triggerPolicy"]["condition"]
+    assert "evaluation-op" in blessed["dependentTasks"]
+    (branches,) = _inner(compiled, blessed["componentRef"]["name"]).values()
+    evaluated, refit = _inner(compiled, branches["componentRef"]["name"]).values()
+    assert "refit_on_all'] == false" in evaluated["triggerPolicy"]["condition"]
+    # Without --refit-on-all the pusher copies the artifact training wrote: the one evaluation
+    # scored.
+    inner = _inner(compiled, evaluated["componentRef"]["name"])
     assert sorted(t["taskInfo"]["name"] for t in inner.values()) == ["infra-validation", "push"]
     push = next(t for t in inner.values() if t["taskInfo"]["name"] == "push")
     assert push["dependentTasks"] == ["infra-validation-op"]
-    # The pusher copies the artifact training wrote: the one evaluation scored.
     model = push["inputs"]["artifacts"]["model"]["componentInputArtifact"]
     assert model == "pipelinechannel--training-op-model"
+    # With it, the refit's model is validated and pushed.
+    inner = _inner(compiled, refit["componentRef"]["name"])
+    assert sorted(t["taskInfo"]["name"] for t in inner.values()) == [
+        "infra-validation", "push", "refit"
+    ]  # fmt: skip
+    push = next(t for t in inner.values() if t["taskInfo"]["name"] == "push")
+    assert push["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == (
+        "training-op-2"
+    )
 
 
 def test_pipeline_parameters_default_to_the_config(compiled):
@@ -310,3 +334,23 @@ def _stats_path(output) -> str:
         if name == "stats.json"
     ]
     return path
+
+
+@pytest.mark.slow
+def test_refit_on_all_pushes_the_final_fit_and_keeps_the_blessing(tmp_path, small_data_dir):
+    from components.saved_model import read_metadata
+    from pipeline.runners import run_local
+
+    config = PipelineConfig(
+        data_dir=small_data_dir,
+        output_dir=str(tmp_path / "out"),
+        refit_on_all=True,
+        training=TrainingConfig(epochs=1, batch_size=256),
+        gates=GateConfig(max_rmse=1.0, min_hit_rate=0.0, require_beat_baselines=False),
+    )
+    result = run_local(config)
+    assert result.blessed and result.model_path.endswith("/mtrec/1")
+    assert read_metadata(result.model_path)["fit_splits"] == list(F.SPLITS)
+    assert "refit" in result.timings and "infra-validation" in result.timings
+    evaluated = result.blessing["metrics"]
+    assert evaluated == result.metrics["model"]  # the blessing keeps the evaluated figures
