@@ -155,20 +155,17 @@ class Recommender(keras.Model):
         if config.use_side_features:
             # Zero start: the towers begin as the id-only model (a Glorot start makes feature
             # vectors ~10x the embeddings', which at temperature 0.05 saturates the softmax).
-            self.user_feature_projection = keras.layers.Dense(
-                dim,
-                use_bias=False,
-                kernel_initializer="zeros",
-                kernel_regularizer=regularizer,
-                name="user_features",
-            )
-            self.movie_feature_projection = keras.layers.Dense(
-                dim,
-                use_bias=False,
-                kernel_initializer="zeros",
-                kernel_regularizer=regularizer,
-                name="movie_features",
-            )
+            def projection(name: str) -> keras.layers.Dense:
+                return keras.layers.Dense(
+                    dim,
+                    use_bias=False,
+                    kernel_initializer="zeros",
+                    kernel_regularizer=regularizer,
+                    name=name,
+                )
+
+            self.user_feature_projection = projection("user_features")
+            self.movie_feature_projection = projection("movie_features")
         self.rating_head = keras.Sequential(
             [
                 layer

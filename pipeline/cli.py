@@ -185,18 +185,22 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster_arguments(args: argparse.Namespace) -> dict:
+    """What `submit` and `schedule` share: the endpoint, the run's configuration, the cluster."""
+    return {
+        "host": args.host,
+        "config": config_from_args(args),
+        "settings": kubeflow_from_args(args),
+        "experiment": args.experiment,
+        "namespace": args.namespace,
+        "pipeline_root": args.pipeline_root,
+    }
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from pipeline.runners import submit
 
-    run_id = submit(
-        args.host,
-        config_from_args(args),
-        kubeflow_from_args(args),
-        experiment=args.experiment,
-        run_name=args.run_name,
-        namespace=args.namespace,
-        pipeline_root=args.pipeline_root,
-    )
+    run_id = submit(**_cluster_arguments(args), run_name=args.run_name)
     print(f"submitted run {run_id} to {args.host}")
     return 0
 
@@ -204,16 +208,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_schedule(args: argparse.Namespace) -> int:
     from pipeline.runners import schedule
 
-    job_id = schedule(
-        args.host,
-        config_from_args(args),
-        kubeflow_from_args(args),
-        cron=args.cron,
-        job_name=args.job_name,
-        experiment=args.experiment,
-        namespace=args.namespace,
-        pipeline_root=args.pipeline_root,
-    )
+    job_id = schedule(**_cluster_arguments(args), cron=args.cron, job_name=args.job_name)
     print(f"created recurring run {job_id} ({args.cron}) on {args.host}")
     return 0
 

@@ -146,7 +146,23 @@ def run_local(config: PipelineConfig, verbose: bool = False) -> LocalRun:
 def _client(host: str, namespace: str | None):
     import kfp
 
-    return kfp.Client(host=host, namespace=namespace)
+    with _api_errors(host):
+        return kfp.Client(host=host, namespace=namespace)
+
+
+@contextlib.contextmanager
+def _api_errors(host: str):
+    """A refused connection or an API error of the KFP endpoint: one line, not a traceback."""
+    try:
+        yield
+    except MtrecError:
+        raise
+    except Exception as err:  # kfp raises urllib3, kfp_server_api and requests errors alike
+        reason = getattr(err, "reason", None) or str(err)
+        first = str(reason).strip().splitlines()[0] if str(reason).strip() else type(err).__name__
+        raise MtrecError(
+            f"cannot reach the Kubeflow Pipelines API at {host}: {type(err).__name__}: {first[:200]}"
+        ) from None
 
 
 def submit(
@@ -159,14 +175,16 @@ def submit(
     pipeline_root: str | None = None,
 ) -> str:
     """Submit a run to a Kubeflow Pipelines endpoint; returns the run id."""
-    result = _client(host, namespace).create_run_from_pipeline_func(
-        create_pipeline(settings),
-        arguments=pipeline_arguments(config),
-        experiment_name=experiment,
-        run_name=run_name,
-        pipeline_root=pipeline_root or None,
-        enable_caching=settings.enable_caching,
-    )
+    client = _client(host, namespace)
+    with _api_errors(host):
+        result = client.create_run_from_pipeline_func(
+            create_pipeline(settings),
+            arguments=pipeline_arguments(config),
+            experiment_name=experiment,
+            run_name=run_name,
+            pipeline_root=pipeline_root or None,
+            enable_caching=settings.enable_caching,
+        )
     return result.run_id
 
 
@@ -184,8 +202,8 @@ def schedule(
     from pipeline.dag import compile_pipeline
 
     client = _client(host, namespace)
-    experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
-    with tempfile.TemporaryDirectory() as workdir:
+    with _api_errors(host), tempfile.TemporaryDirectory() as workdir:
+        experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
         package = compile_pipeline(os.path.join(workdir, "pipeline.yaml"), settings)
         job = client.create_recurring_run(
             experiment_id=experiment_id,

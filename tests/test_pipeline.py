@@ -216,6 +216,16 @@ def test_cli_errors_are_one_line_not_tracebacks(tmp_path, capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", [["submit"], ["schedule", "--cron", "0 0 3 * * *"]])
+def test_an_unreachable_kubeflow_endpoint_is_one_line(command, capsys):
+    from tests.conftest import free_port
+
+    code = cli.main([command[0], "--host", f"http://127.0.0.1:{free_port()}", *command[1:]])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("mtrec: error: cannot reach the Kubeflow Pipelines API")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_cli_compile(tmp_path, capsys):
     out = tmp_path / "p.yaml"
     assert cli.main(["compile", "--output", str(out)]) == 0
