@@ -16,6 +16,7 @@ import contextlib
 import csv
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -29,7 +30,9 @@ import numpy as np
 
 from components import features as F
 from components import storage
+from components.config import IngestionConfig
 from components.errors import DataError
+from components.vocabulary import INT64, INT64_MAX, STRING, id_kind_of
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +68,17 @@ ML_CSV = Layout(
     "utf-8",
     0.5,
 )
-LAYOUTS = {layout.name: layout for layout in (ML_100K, ML_DAT, ML_CSV)}
-MIN_STARS, MAX_STARS = 0.5, 5.0  # every release's ratings lie in this range
+# Your own interaction logs, as ingestion rewrites them (components/interactions.py): ids are
+# tokens (int64 or strings, see components/vocabulary.py), any finite rating, no header.
+INTERACTIONS = Layout("interactions", "", "", "\t", "\t", "", "utf-8", 0.0)
+LAYOUTS = {layout.name: layout for layout in (ML_100K, ML_DAT, ML_CSV, INTERACTIONS)}
+MOVIELENS_LAYOUTS = (ML_100K, ML_DAT, ML_CSV)
+MIN_STARS, MAX_STARS = 0.5, 5.0  # every MovieLens release's ratings lie in this range
 
 
 class Rating(NamedTuple):
-    user_id: int
-    movie_id: int
+    user_id: int | str  # raw ids: int64 (MovieLens, integer logs) or strings
+    movie_id: int | str
     stars: float
     timestamp: int
 
@@ -90,22 +97,54 @@ class BadRow(NamedTuple):
 
 _DIGITS = re.compile(r"-?[0-9]+")  # what a MovieLens integer field may hold
 _NUMBER = re.compile(r"[0-9]+(\.[0-9]+)?")  # a rating: no sign, exponent, 'nan' or underscore
+# A rating in your own logs: any finite decimal number.
+SIGNED_NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")
 
 
 def _positive_int(value: str, field: str) -> int:
-    """Strict: ASCII digits only (Python's int() would also take '1_96', ' 7' or '+3')."""
+    """Strict: ASCII digits only (Python's int() would also take '1_96', ' 7' or '+3'), and an
+    int64 (ids travel as int64 tensors)."""
     if not _DIGITS.fullmatch(value):
         raise ValueError(f"field {field} is not an integer ({value!r})")
     number = int(value)
     if number <= 0:
         raise ValueError(f"field {field} must be a positive integer, got {number}")
+    if number > INT64_MAX:
+        raise ValueError(f"field {field} exceeds the int64 limit {INT64_MAX} ({value})")
     return number
 
 
+def parse_token(value: str, field: str, kind: str) -> int | str:
+    """A raw id of your own logs, as its kind (checked by ingestion) says."""
+    if not value:
+        raise ValueError(f"field {field} is empty")
+    if kind == INT64:
+        if id_kind_of(value) != INT64:
+            raise ValueError(f"field {field} is not an int64 id ({value!r})")
+        return int(value)
+    return value
+
+
+def _parse_interaction(fields: list[str], id_kinds: dict[str, str]) -> Rating:
+    user_id = parse_token(fields[0], F.USER_ID, id_kinds.get("user", STRING))
+    movie_id = parse_token(fields[1], F.MOVIE_ID, id_kinds.get("movie", STRING))
+    stars = float(fields[2]) if SIGNED_NUMBER.fullmatch(fields[2]) else float("nan")
+    if not math.isfinite(stars):
+        raise ValueError(f"field {F.STARS} is not a finite number ({fields[2]!r})")
+    if not _DIGITS.fullmatch(fields[3]):
+        raise ValueError(f"field {F.TIMESTAMP} is not an integer ({fields[3]!r})")
+    return Rating(user_id, movie_id, stars, int(fields[3]))
+
+
 def parse_rating_line(
-    line: str, source: str, line_number: int, layout: Layout = ML_100K
+    line: str,
+    source: str,
+    line_number: int,
+    layout: Layout = ML_100K,
+    id_kinds: dict[str, str] | None = None,
 ) -> Rating | BadRow:
-    """Parse one rating line of a layout (user, item, rating, timestamp)."""
+    """Parse one rating line of a layout (user, item, rating, timestamp); `id_kinds` (user and
+    movie: int64 or string) for the interactions layout."""
     text = line.rstrip("\r\n")
     fields = text.split(layout.separator)
     if len(fields) != 4:
@@ -113,6 +152,11 @@ def parse_rating_line(
         return BadRow(
             source, line_number, f"expected 4 {what}-separated fields, got {len(fields)}", text
         )
+    if layout is INTERACTIONS or layout.name == INTERACTIONS.name:
+        try:
+            return _parse_interaction(fields, id_kinds or {})
+        except ValueError as err:
+            return BadRow(source, line_number, str(err), text)
     try:
         user_id = _positive_int(fields[0], F.USER_ID)
         movie_id = _positive_int(fields[1], F.MOVIE_ID)
@@ -189,7 +233,7 @@ def detect_layout(data_dir: str) -> Layout:
     reverse, is named as missing)."""
     if not storage.is_remote(data_dir) and not os.path.isdir(data_dir):
         raise DataError(f"{data_dir}: not found (expected a MovieLens folder)")
-    for layout in LAYOUTS.values():
+    for layout in MOVIELENS_LAYOUTS:
         files = [storage.join(data_dir, name) for name in (layout.ratings_file, layout.movies_file)]
         present = [storage.isfile(path) for path in files]
         if all(present):
@@ -197,7 +241,7 @@ def detect_layout(data_dir: str) -> Layout:
         if any(present):
             missing = files[present.index(False)]
             raise DataError(f"{missing}: not found (the {layout.describe()} layout needs both)")
-    expected = "; ".join(layout.describe() for layout in LAYOUTS.values())
+    expected = "; ".join(layout.describe() for layout in MOVIELENS_LAYOUTS)
     raise DataError(f"{data_dir}: not a MovieLens folder (expected the files of one of: {expected})")
 
 
@@ -212,6 +256,10 @@ class IngestionReport:
     stars_range: tuple[float, float] = (1.0, 5.0)
     duplicate_pairs: int = 0
     superseded_lines: list[int] = field(default_factory=list)
+    # Raw id kinds (components/vocabulary.py): MovieLens ids are int64.
+    id_kinds: dict[str, str] = field(default_factory=lambda: {"user": INT64, "movie": INT64})
+    explicit: bool = True  # False: implicit feedback (no rating column): retrieval only
+    has_timestamps: bool = True
 
     @classmethod
     def of(
@@ -351,7 +399,7 @@ def ingest_folder(data_dir: str, ratings_dir: str, movies_dir: str) -> Ingestion
 
 
 def _write_movies(entries, path: str, source: str) -> int:
-    seen: set[int] = set()
+    seen: set[int | str] = set()
     with open(path, "w", encoding="utf-8") as out:
         for movie_id, title in entries:
             if movie_id in seen:
@@ -429,9 +477,18 @@ def ingest_tfds(
     return report
 
 
-def run_ingestion(data_dir: str, ratings_dir: str, movies_dir: str) -> IngestionReport:
-    """Entry point of the stage: a raw folder when given, tensorflow-datasets otherwise."""
-    if data_dir:
+def run_ingestion(
+    data_dir: str, ratings_dir: str, movies_dir: str, config: IngestionConfig | None = None
+) -> IngestionReport:
+    """Entry point of the stage: your own logs (`config.interactions`), a raw MovieLens folder,
+    or tensorflow-datasets."""
+    if config is not None and config.interactions:
+        if data_dir:
+            raise DataError("pass either --data-dir (MovieLens) or --interactions, not both")
+        from components.interactions import ingest_interactions
+
+        report = ingest_interactions(config, ratings_dir, movies_dir)
+    elif data_dir:
         report = ingest_folder(data_dir, ratings_dir, movies_dir)
     else:
         report = ingest_tfds(ratings_dir, movies_dir)

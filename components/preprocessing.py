@@ -13,10 +13,12 @@ Runs on DirectRunner here; the same transforms run on Dataflow/Flink/Spark: stan
 options pass straight through.
 """
 
+import hashlib
 import json
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +42,15 @@ from components.ingestion import (
     read_report,
 )
 from components.storage import PARTIAL_SUFFIX, atomic_output_dir
+from components.vocabulary import (
+    INT64,
+    MOVIES_FILE,
+    USERS_FILE,
+    VOCABULARY_DIR,
+    Vocabularies,
+    Vocabulary,
+    id_array,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +75,18 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+def id_hashes(ids: np.ndarray) -> np.ndarray:
+    """int64 ids as they are; string ids as a stable 64-bit hash of their UTF-8 bytes (hashed
+    once per distinct id of the chunk)."""
+    if ids.dtype != object:
+        return np.asarray(ids).astype(np.int64)
+    distinct, inverse = np.unique(ids, return_inverse=True)
+    digests = b"".join(
+        hashlib.blake2b(str(token).encode(), digest_size=8).digest() for token in distinct
+    )
+    return np.frombuffer(digests, dtype="<i8")[inverse.reshape(-1)]
+
+
 def split_keys(
     users: np.ndarray, movies: np.ndarray, timestamps: np.ndarray, seed: int
 ) -> np.ndarray:
@@ -71,7 +94,7 @@ def split_keys(
     with np.errstate(over="ignore"):
         key = _mix(np.full(len(users), seed & (2**64 - 1), dtype=np.uint64))
         for column in (users, movies, timestamps):
-            key = _mix(key ^ np.asarray(column).astype(np.int64).view(np.uint64))
+            key = _mix(key ^ id_hashes(np.asarray(column)).view(np.uint64))
     return key
 
 
@@ -127,7 +150,8 @@ def encode_rows(
     rows: np.ndarray,
     stars_range: tuple[float, float] = F.DEFAULT_STARS_RANGE,
 ) -> Iterator[bytes]:
-    """tf.train.Example bytes of the selected rows of a chunk."""
+    """tf.train.Example bytes of the selected rows of a chunk (ids already vocabulary
+    indices)."""
     users, movies, stars, times = (
         chunk[name][rows].tolist() for name in ("users", "movies", "stars", "timestamps")
     )
@@ -170,6 +194,7 @@ class ParseSettings:
     split: str = SPLIT_RANDOM
     layout: Layout = ML_100K
     superseded: frozenset[int] = frozenset()
+    id_kinds: tuple[tuple[str, str], ...] = (("user", INT64), ("movie", INT64))
 
 
 class _ParseChunkFn(beam.DoFn):
@@ -183,10 +208,11 @@ class _ParseChunkFn(beam.DoFn):
         source, lines = element
         settings = self._settings
         users, movies, stars, times = [], [], [], []
+        kinds = dict(settings.id_kinds)
         for number, line in lines:
             if number in settings.superseded or (settings.layout.header and number == 1):
                 continue  # a duplicate the rule drops (counted by ingestion), or the header
-            parsed = parse_rating_line(line, source, number, settings.layout)
+            parsed = parse_rating_line(line, source, number, settings.layout, kinds)
             if isinstance(parsed, BadRow):
                 yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, parsed)
                 continue
@@ -196,8 +222,8 @@ class _ParseChunkFn(beam.DoFn):
             times.append(parsed.timestamp)
         if users:
             chunk = {
-                "users": np.asarray(users, dtype=np.int64),
-                "movies": np.asarray(movies, dtype=np.int64),
+                "users": id_array(users, kinds["user"]),
+                "movies": id_array(movies, kinds["movie"]),
                 "stars": np.asarray(stars, dtype=np.float64),
                 "timestamps": np.asarray(times, dtype=np.int64),
             }
@@ -402,12 +428,61 @@ class _IdStatsFn(beam.CombineFn):
 
     def extract_output(self, acc):
         users, movies = acc
-        return {
-            "users": len(users),
-            "movies": len(movies),
-            "max_user_id": max(users, default=0),
-            "max_movie_id": max(movies, default=0),
-        }
+        return {"users": len(users), "movies": len(movies)}
+
+
+class _VocabularyCountsFn(beam.CombineFn):
+    """Ratings per raw user and movie id of the training split: (Counter, Counter). Each chunk
+    is counted with numpy first, so the Python work is per distinct id of a chunk, and the
+    accumulators are bounded by the number of distinct ids, not rows."""
+
+    def create_accumulator(self):
+        return Counter(), Counter()
+
+    def add_input(self, acc, chunk):
+        for counter, column in zip(acc, (chunk["users"], chunk["movies"]), strict=True):
+            distinct, counts = np.unique(column, return_counts=True)
+            for token, count in zip(distinct.tolist(), counts.tolist(), strict=True):
+                counter[token] += count
+        return acc
+
+    def merge_accumulators(self, accs):
+        users, movies = Counter(), Counter()
+        for u, m in accs:
+            users.update(u)
+            movies.update(m)
+        return users, movies
+
+    def extract_output(self, acc):
+        return acc
+
+
+class _BuildVocabularies(beam.DoFn):
+    def __init__(self, id_kinds: dict[str, str], min_user_count: int, min_item_count: int):
+        super().__init__()
+        self._kinds = id_kinds
+        self._min_counts = (min_user_count, min_item_count)
+
+    def process(self, counts):
+        users, movies = counts
+        yield Vocabularies(
+            Vocabulary.from_counts(users, self._kinds["user"], self._min_counts[0]),
+            Vocabulary.from_counts(movies, self._kinds["movie"], self._min_counts[1]),
+        )
+
+
+def vocabulary_text(vocabulary: Vocabulary) -> str:
+    """A vocabulary file's content as one element (WriteToText adds the last newline): one
+    element keeps the lines in index order on any runner."""
+    return "\n".join(str(token) for token in vocabulary.tokens.tolist())
+
+
+def apply_vocabularies(chunk: dict[str, np.ndarray], vocab: Vocabularies) -> dict[str, np.ndarray]:
+    """A chunk with raw ids replaced by vocabulary indices (0: out of vocabulary)."""
+    out = dict(chunk)
+    out["users"] = vocab.users.lookup(chunk["users"])
+    out["movies"] = vocab.movies.lookup(chunk["movies"])
+    return out
 
 
 def _bad_row_json(bad: BadRow) -> str:
@@ -416,8 +491,12 @@ def _bad_row_json(bad: BadRow) -> str:
     )
 
 
+OOV_TAG = "oov"
+
+
 class _EncodeFn(beam.DoFn):
-    """Column chunk -> Example bytes, reporting rows written as progress."""
+    """Column chunk -> Example bytes with vocabulary indices, reporting rows written as
+    progress; a second output counts (rows, rows of an unknown user, of an unknown movie)."""
 
     def __init__(self, total_rows: int | None, stars_range: tuple[float, float]):
         super().__init__()
@@ -427,9 +506,17 @@ class _EncodeFn(beam.DoFn):
     def setup(self):
         self._reporter = progress.Reporter("rows", self._total)
 
-    def process(self, chunk):
+    def process(self, chunk, vocab: Vocabularies):
+        indexed = apply_vocabularies(chunk, vocab)
         rows = np.arange(len(chunk["keys"]))
-        yield from encode_rows(chunk, rows, self._stars_range)
+        yield from encode_rows(indexed, rows, self._stars_range)
+        yield beam.pvalue.TaggedOutput(
+            OOV_TAG,
+            np.array(
+                [len(rows), int((indexed["users"] == 0).sum()), int((indexed["movies"] == 0).sum())],
+                dtype=np.int64,
+            ),
+        )
         self._reporter.advance(len(rows))
 
 
@@ -448,15 +535,17 @@ def build_pipeline(
     layout = LAYOUTS[ingestion.get("layout", ML_100K.name)]
     stars_range = tuple(ingestion.get("stars_range", F.DEFAULT_STARS_RANGE))
     superseded = frozenset(ingestion.get("superseded_lines", ()))
+    id_kinds = dict(ingestion.get("id_kinds") or {"user": INT64, "movie": INT64})
     total_rows = (ingestion.get("ratings_rows") or 0) - len(superseded) or None
     chunks = (
         pipeline
         | "Paths" >> beam.Create(ratings_paths)
         | "ReadChunks" >> beam.FlatMap(lambda path: read_chunks(path, names.get(path, path)))
     )
-    parsed = chunks | "ParseRatings" >> ParseRatings(
-        ParseSettings(config.split_seed, config.split, layout, superseded)
+    settings = ParseSettings(
+        config.split_seed, config.split, layout, superseded, tuple(sorted(id_kinds.items()))
     )
+    parsed = chunks | "ParseRatings" >> ParseRatings(settings)
     ratings, dead = parsed["ratings"], parsed[DEAD_LETTER_TAG]
     if config.split == SPLIT_LAST_K:
         splits = ratings | "Split" >> LastKSplit(config.last_k, config.validation_fraction)
@@ -465,21 +554,44 @@ def build_pipeline(
             config.test_fraction, config.validation_fraction
         )
 
+    # Vocabularies from the training split only (TFX's analyse-on-train), applied to every split.
+    vocabularies = (
+        splits[F.TRAIN_SPLIT]
+        | "CountIds" >> beam.CombineGlobally(_VocabularyCountsFn())
+        | "Vocabularies"
+        >> beam.ParDo(
+            _BuildVocabularies(id_kinds, config.min_user_count, config.min_item_count)
+        )
+    )
+    for role, attribute, file_name in (
+        ("Users", "users", USERS_FILE),
+        ("Movies", "movies", MOVIES_FILE),
+    ):
+        (
+            vocabularies
+            | f"{role}VocabularyText"
+            >> beam.Map(lambda vocab, attribute=attribute: vocabulary_text(getattr(vocab, attribute)))
+            | f"Write{role}Vocabulary"
+            >> beam.io.WriteToText(
+                os.path.join(out_dir, VOCABULARY_DIR, file_name),
+                shard_name_template="",
+                num_shards=1,
+            )
+        )
+
     counts = {}
     for name, split in splits.items():
+        encoded = split | f"Encode{name}" >> beam.ParDo(
+            _EncodeFn(total_rows, stars_range), beam.pvalue.AsSingleton(vocabularies)
+        ).with_outputs(OOV_TAG, main="examples")
         (
-            split
-            | f"Encode{name}" >> beam.ParDo(_EncodeFn(total_rows, stars_range))
+            encoded.examples
             | f"Write{name}"
             >> beam.io.WriteToTFRecord(
                 os.path.join(out_dir, name), file_name_suffix=".tfrecord"
             )
         )
-        counts[name] = (
-            split
-            | f"Rows{name}" >> beam.Map(lambda chunk: len(chunk["keys"]))
-            | f"Count{name}" >> beam.CombineGlobally(sum)
-        )
+        counts[name] = encoded[OOV_TAG] | f"Count{name}" >> beam.CombineGlobally(_SumArrays(3))
     (
         dead
         | "DeadLetterJson" >> beam.Map(_bad_row_json)
@@ -488,15 +600,16 @@ def build_pipeline(
             os.path.join(out_dir, F.DEAD_LETTER_PREFIX), file_name_suffix=".jsonl"
         )
     )
-    counts["invalid"] = dead | "CountInvalid" >> beam.combiners.Count.Globally()
+    invalid = dead | "CountInvalid" >> beam.combiners.Count.Globally()
     summary = ratings | "Stats" >> beam.CombineGlobally(_IdStatsFn())
 
-    def to_json(stats, train, validation, test, invalid):
-        rows = train + validation + test + invalid
+    def to_json(stats, vocab, train, validation, test, invalid):
+        by_split = {F.TRAIN_SPLIT: train, F.VALIDATION_SPLIT: validation, F.TEST_SPLIT: test}
+        rows = sum(int(c[0]) for c in by_split.values()) + invalid
         stats = dict(stats)
         stats.update(
             {
-                "rows": {F.TRAIN_SPLIT: train, F.VALIDATION_SPLIT: validation, F.TEST_SPLIT: test},
+                "rows": {name: int(c[0]) for name, c in by_split.items()},
                 "invalid_rows": invalid,
                 "invalid_share": invalid / rows if rows else 0.0,
                 "split": config.split,
@@ -507,6 +620,17 @@ def build_pipeline(
                 "stars_range": list(stars_range),
                 "superseded_rows": len(superseded),
                 "layout": layout.name,
+                "explicit": bool(ingestion.get("explicit", True)),
+                "vocabulary": {
+                    "users": vocab.users.size,
+                    "movies": vocab.movies.size,
+                    "id_kinds": id_kinds,
+                    "min_user_count": config.min_user_count,
+                    "min_item_count": config.min_item_count,
+                    # Rows whose user / movie is out of vocabulary (index 0), per split.
+                    "oov_user_rows": {name: int(c[1]) for name, c in by_split.items()},
+                    "oov_movie_rows": {name: int(c[2]) for name, c in by_split.items()},
+                },
             }
         )
         return json.dumps(stats, indent=2, sort_keys=True)
@@ -516,10 +640,12 @@ def build_pipeline(
         | "StatsJson"
         >> beam.Map(
             to_json,
+            beam.pvalue.AsSingleton(vocabularies),
             *(
                 beam.pvalue.AsSingleton(counts[name])
-                for name in (F.TRAIN_SPLIT, F.VALIDATION_SPLIT, F.TEST_SPLIT, "invalid")
+                for name in (F.TRAIN_SPLIT, F.VALIDATION_SPLIT, F.TEST_SPLIT)
             ),
+            beam.pvalue.AsSingleton(invalid),
         )
         | "WriteStats"
         >> beam.io.WriteToText(
@@ -559,6 +685,12 @@ def run_preprocessing(
     ratings_path = os.path.join(ratings_dir, F.RATINGS_FILE)
     if not os.path.isfile(ratings_path):
         raise DataError(f"{ratings_path}: not found (expected an ingestion output)")
+    ingestion = read_report(ratings_dir)
+    if config.split != SPLIT_RANDOM and not ingestion.get("has_timestamps", True):
+        raise DataError(
+            f"--split {config.split} orders ratings by time, and the interactions have no "
+            "timestamp column (use --split random, or pass --timestamp-column)"
+        )
     options = PipelineOptions([f"--runner={config.runner}", *(beam_args or [])])
     started = time.perf_counter()
     kept = os.path.join(out_dir, F.REJECTED_DIR)
@@ -572,9 +704,15 @@ def run_preprocessing(
                     staging,
                     config,
                     {ratings_path: source_name} if source_name else None,
-                    read_report(ratings_dir),
+                    ingestion,
                 )
             stats = load_stats(staging)
+            if not stats["vocabulary"]["users"] or not stats["vocabulary"]["movies"]:
+                raise DataError(
+                    f"{ratings_path}: the training split holds no user or movie seen at least "
+                    f"--min-user-count {config.min_user_count} / --min-item-count "
+                    f"{config.min_item_count} times: nothing to train on"
+                )
             stats["seconds"] = round(time.perf_counter() - started, 2)
             with open(os.path.join(staging, F.STATS_FILE), "w", encoding="utf-8") as handle:
                 json.dump(stats, handle, indent=2, sort_keys=True)

@@ -205,10 +205,10 @@ def test_duplicate_ratings_are_counted_and_the_newest_kept(tmp_path):
         str(tmp_path / "r"), str(tmp_path / "e"), PreprocessingConfig(test_fraction=0.34)
     )
     assert stats["superseded_rows"] == 3 and sum(stats["rows"].values()) == 3
-    stars = sorted(
-        (int(u), int(m), float(s))
+    kept = sorted(  # (timestamp, stars): the timestamps tell the rows apart
+        (int(t), float(s))
         for split in ("train", "validation", "test")
         if stats["rows"][split]
-        for u, m, s in zip(*(load_columns(str(tmp_path / "e"), split)[k] for k in ("user_id", "movie_id", "stars")), strict=True)
+        for t, s in zip(*(load_columns(str(tmp_path / "e"), split)[k] for k in ("timestamp", "stars")), strict=True)
     )
-    assert stars == [(1, 2, 5.0), (2, 2, 4.0), (2, 3, 2.0)]
+    assert kept == [(50, 4.0), (60, 2.0), (300, 5.0)]  # user 1's newest; user 2's later line

@@ -159,7 +159,11 @@ def test_run_preprocessing_writes_splits_and_stats(small_examples, small_data_di
         "train": total - n_test - n_validation, "validation": n_validation, "test": n_test
     }  # fmt: skip
     assert stats["invalid_rows"] == 0
-    assert stats["max_user_id"] == 60 and stats["max_movie_id"] <= 40
+    assert stats["users"] == 60 and stats["movies"] <= 40
+    vocabulary = stats["vocabulary"]
+    assert vocabulary["users"] == 60 and vocabulary["movies"] <= 40
+    assert vocabulary["id_kinds"] == {"user": "int64", "movie": "int64"}
+    assert vocabulary["oov_user_rows"]["train"] == vocabulary["oov_movie_rows"]["train"] == 0
     counted = sum(
         1 for f in split_files(examples, F.TEST_SPLIT) for _ in tf.data.TFRecordDataset(f)
     )
