@@ -180,6 +180,89 @@ def parse_rating_line(
     return Rating(user_id, movie_id, stars, timestamp)
 
 
+_ID = r"[0-9]+"
+_STARS = r"[0-9]+(?:\.[0-9]+)?"
+_TOKEN = r"[^\t\r\n]+"
+_SIGNED = r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?"
+_TIME = r"-?[0-9]+"
+
+
+def _block_pattern(layout: Layout) -> "re.Pattern[str]":
+    sep = re.escape(layout.separator)
+    if layout.name == INTERACTIONS.name:
+        fields = (_TOKEN, _TOKEN, _SIGNED, _TIME)
+    else:
+        fields = (_ID, _ID, _STARS, _TIME)
+    return re.compile(r"(?:" + sep.join(fields) + r"\r?\n)*")
+
+
+_BLOCK_PATTERNS = {name: _block_pattern(layout) for name, layout in LAYOUTS.items()}
+
+
+def parse_block(
+    text: str, layout: Layout, id_kinds: dict[str, str] | None = None
+) -> dict[str, np.ndarray] | None:
+    """The fast path of `parse_rating_line` for a whole block of lines (each ending in a
+    newline): numpy columns (users, movies, stars, timestamps) when every line is well-formed,
+    None otherwise (the caller then parses line by line, which names each bad line). One
+    regular expression checks the block's shape; pyarrow's CSV reader converts it; the value
+    rules (positive int64 ids, the rating scale) are checked on the columns."""
+    if not _BLOCK_PATTERNS[layout.name].fullmatch(text):
+        return None
+    import pyarrow as pa
+    from pyarrow import csv as pacsv
+
+    kinds = id_kinds or {}
+    data = text if len(layout.separator) == 1 else text.replace(layout.separator, "\t")
+    id_type = {
+        role: pa.int64() if layout.name != INTERACTIONS.name or kinds.get(role) == INT64 else pa.string()
+        for role in ("user", "movie")
+    }
+    try:
+        table = pacsv.read_csv(
+            pa.py_buffer(data.encode()),
+            read_options=pacsv.ReadOptions(
+                column_names=["u", "m", "s", "t"], use_threads=False, block_size=1 << 26
+            ),
+            parse_options=pacsv.ParseOptions(
+                delimiter=data and ("\t" if len(layout.separator) > 1 else layout.separator),
+                quote_char=False,
+            ),
+            convert_options=pacsv.ConvertOptions(
+                column_types={
+                    "u": id_type["user"], "m": id_type["movie"], "s": pa.float64(), "t": pa.int64()
+                },
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+            ),
+        )  # fmt: skip
+    except (pa.ArrowInvalid, ValueError):  # an int64 overflow, say: the slow path names it
+        return None
+    columns = {
+        name: table.column(short).to_numpy(zero_copy_only=False)
+        for name, short in (("users", "u"), ("movies", "m"), ("stars", "s"), ("timestamps", "t"))
+    }
+    for role, name in (("user", "users"), ("movie", "movies")):
+        if id_type[role] == pa.string():
+            columns[name] = columns[name].astype(object)
+    stars = columns["stars"]
+    if layout.name == INTERACTIONS.name:
+        if not np.isfinite(stars).all():
+            return None
+    else:
+        low = layout.stars_step if layout.stars_step < 1 else 1.0
+        steps = stars / layout.stars_step
+        if (
+            (columns["users"] <= 0).any()
+            or (columns["movies"] <= 0).any()
+            or (stars < low).any()
+            or (stars > MAX_STARS).any()
+            or (steps != np.floor(steps)).any()
+        ):
+            return None
+    return columns
+
+
 def parse_movie_line(
     line: str, source: str, line_number: int, layout: Layout = ML_100K
 ) -> tuple[int, str]:
@@ -204,17 +287,39 @@ def parse_movie_line(
 def read_numbered_lines(path: str, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
     """Stream (1-based line number, line) from a file, skipping blank lines (they carry no data
     in MovieLens' formats). A line that is not valid `encoding` is a DataError naming it."""
+    for first, data in read_line_blocks(path):
+        yield from numbered_lines(data, first, path, encoding)
+
+
+BLOCK_BYTES = 1 << 20  # ~45k MovieLens rating lines: what the fast path parses at once
+
+
+def read_line_blocks(path: str, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, bytes]]:
+    """(number of the first line, whole lines as bytes) blocks of about `block_bytes` of a
+    file, so a block's rows keep their line numbers."""
+    number = 1
     with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode(encoding)
-            except UnicodeDecodeError as err:
-                raise DataError(
-                    f"{path}, line {number}: not valid {encoding} (byte {raw[err.start]:#04x} "
-                    f"at column {err.start + 1})"
-                ) from None
-            if line.strip():
-                yield number, line
+        while True:
+            lines = handle.readlines(block_bytes)
+            if not lines:
+                return
+            yield number, b"".join(lines)
+            number += len(lines)
+
+
+def numbered_lines(data: bytes, first: int, path: str, encoding: str = "utf-8"):
+    """`read_numbered_lines` over a block: (line number, line), blank lines skipped, a line
+    that is not valid `encoding` a DataError naming it."""
+    for number, raw in enumerate(data.splitlines(keepends=True), start=first):
+        try:
+            line = raw.decode(encoding)
+        except UnicodeDecodeError as err:
+            raise DataError(
+                f"{path}, line {number}: not valid {encoding} (byte {raw[err.start]:#04x} "
+                f"at column {err.start + 1})"
+            ) from None
+        if line.strip():
+            yield number, line
 
 
 def movie_file_encoding(path: str, layout: Layout = ML_100K) -> str:
@@ -314,39 +419,61 @@ def check_ratings(path: str, source_name: str, layout: Layout = ML_100K) -> Rati
     """
     rows = invalid = 0
     problems: list[str] = []
-    users, movies, times, lines = (array("q") for _ in range(4))
+    parts: dict[str, list[np.ndarray]] = {"users": [], "movies": [], "times": [], "lines": []}
     low, high = float("inf"), float("-inf")
-    for number, line in read_numbered_lines(path):
-        if layout.header and number == 1:
-            if line.strip() != layout.header:
+    for first, data in read_line_blocks(path):
+        if layout.header and first == 1:
+            newline = data.find(b"\n") + 1 or len(data)
+            header = data[:newline].decode("utf-8", "replace").strip()
+            if header != layout.header:
                 raise DataError(
                     f"{source_name}, line 1: expected the header {layout.header!r}, got "
-                    f"{line.strip()[:80]!r}"
+                    f"{header[:80]!r}"
                 )
+            data, first = data[newline:], 2
+        if data and not data.endswith(b"\n"):
+            data += b"\n"
+        try:
+            block = parse_block(data.decode("utf-8"), layout)
+        except UnicodeDecodeError:
+            block = None  # the line-by-line path names the line
+        if block is not None:
+            count = len(block["users"])
+            rows += count
+            parts["users"].append(block["users"])
+            parts["movies"].append(block["movies"])
+            parts["times"].append(block["timestamps"])
+            parts["lines"].append(np.arange(first, first + count, dtype=np.int64))
+            if count:
+                low = min(low, float(block["stars"].min()))
+                high = max(high, float(block["stars"].max()))
             continue
-        parsed = parse_rating_line(line, source_name, number, layout)
-        rows += 1
-        if isinstance(parsed, BadRow):
-            if rows == 1:
-                raise DataError(
-                    f"{parsed.describe()} -- this does not look like MovieLens {layout.name} "
-                    f"{layout.ratings_file}"
-                )
-            invalid += 1
-            if len(problems) < MAX_REPORTED_PROBLEMS:
-                problems.append(parsed.describe())
-            continue
-        users.append(parsed.user_id)
-        movies.append(parsed.movie_id)
-        times.append(parsed.timestamp)
-        lines.append(number)
-        low, high = min(low, parsed.stars), max(high, parsed.stars)
+        users, movies, times, lines = (array("q") for _ in range(4))
+        for number, line in numbered_lines(data, first, path):
+            parsed = parse_rating_line(line, source_name, number, layout)
+            rows += 1
+            if isinstance(parsed, BadRow):
+                if rows == 1:
+                    raise DataError(
+                        f"{parsed.describe()} -- this does not look like MovieLens {layout.name} "
+                        f"{layout.ratings_file}"
+                    )
+                invalid += 1
+                if len(problems) < MAX_REPORTED_PROBLEMS:
+                    problems.append(parsed.describe())
+                continue
+            users.append(parsed.user_id)
+            movies.append(parsed.movie_id)
+            times.append(parsed.timestamp)
+            lines.append(number)
+            low, high = min(low, parsed.stars), max(high, parsed.stars)
+        for name, values in zip(parts, (users, movies, times, lines), strict=True):
+            parts[name].append(np.frombuffer(values, np.int64))
     if rows == 0:
         raise DataError(f"{source_name}: no rating rows")
     pairs, superseded = superseded_duplicates(
-        np.frombuffer(users, np.int64), np.frombuffer(movies, np.int64),
-        np.frombuffer(times, np.int64), np.frombuffer(lines, np.int64),
-    )  # fmt: skip
+        *(np.concatenate(parts[name]) for name in ("users", "movies", "times", "lines"))
+    )
     if low == high:  # one rating value: a scale of one point cannot be normalised
         low, high = min(low, 1.0), max(high, MAX_STARS)
     return RatingsCheck(rows, invalid, problems, (low, high), pairs, superseded)

@@ -12,7 +12,15 @@ from components import features as F
 from components.config import PreprocessingConfig
 from components.errors import DataError
 from components.examples import encode_example, split_files
-from components.ingestion import BadRow
+from components.ingestion import (
+    INTERACTIONS,
+    ML_100K,
+    ML_CSV,
+    ML_DAT,
+    BadRow,
+    parse_block,
+    parse_rating_line,
+)
 from components.preprocessing import (
     DEAD_LETTER_TAG,
     SPLIT_ORDER,
@@ -43,14 +51,9 @@ def _rows(chunk):
 def test_parse_ratings_sends_malformed_lines_to_dead_letter():
     chunk = (
         "u.data",
-        [
-            (1, "1\t10\t5\t100\n"),
-            (2, "2\t11\t3\n"),
-            (3, "3\tx\t4\t100\n"),
-            (4, "4\t12\t7\t100\n"),
-            (5, "5\t13\t1\t100\n"),
-            (6, "1_96\t13\t1\t100\n"),
-        ],
+        1,
+        b"1\t10\t5\t100\n2\t11\t3\n3\tx\t4\t100\n4\t12\t7\t100\n5\t13\t1\t100\n"
+        b"1_96\t13\t1\t100\n",
     )
     with TestPipeline(options=_options()) as p:
         out = p | beam.Create([chunk]) | ParseRatings(ParseSettings(seed=1))
@@ -83,6 +86,43 @@ def _chunks(n, size):
         "keys": keys,
     }  # fmt: skip
     return [{k: v[i : i + size] for k, v in columns.items()} for i in range(0, n, size)], keys
+
+
+@pytest.mark.parametrize(
+    "layout, text",
+    [
+        (ML_100K, "1\t10\t5\t100\n2\t11\t3\t101\r\n"),
+        (ML_DAT, "1::10::4.5::100\n2::11::0.5::-5\n"),
+        (ML_CSV, "1,10,4.5,100\n" + str(2**63 - 1) + ",11,5.0,7\n"),
+        (INTERACTIONS, "u 1\tsku:9\t-2.5e1\t100\nü\tx,y\t3\t0\n"),
+    ],
+)
+def test_the_block_fast_path_parses_as_the_line_parser(layout, text):
+    kinds = {"user": "string", "movie": "string"}
+    fast = parse_block(text, layout, kinds)
+    assert fast is not None
+    rows = [parse_rating_line(line, "f", 1, layout, kinds) for line in text.splitlines(True)]
+    assert fast["users"].tolist() == [r.user_id for r in rows]
+    assert fast["movies"].tolist() == [r.movie_id for r in rows]
+    assert fast["stars"].tolist() == [r.stars for r in rows]
+    assert fast["timestamps"].tolist() == [r.timestamp for r in rows]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1\t10\t5\t100\n\n",  # a blank line
+        "1_96\t10\t5\t100\n",
+        "0\t10\t5\t100\n",  # ids are positive
+        "1\t10\t6\t100\n",  # above the scale
+        "1\t10\t4.5\t100\n",  # half stars in a whole-star release
+        str(2**63) + "\t10\t5\t100\n",  # beyond int64
+        " 1\t10\t5\t100\n",
+        "1\t10\t5\t100",  # no line end: the caller adds one
+    ],
+)
+def test_a_block_with_any_bad_line_takes_the_line_by_line_path(text):
+    assert parse_block(text, ML_100K) is None
 
 
 @pytest.mark.parametrize(
