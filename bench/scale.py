@@ -103,7 +103,7 @@ def run_stage(args: list[str]) -> tuple[float, float, int]:
     return seconds, usage.ru_maxrss / 2**20, status
 
 
-def bench(rows: int, work: str, epochs: int) -> list[dict]:
+def bench(rows: int, work: str, epochs: int, train_args: list[str] | None = None) -> list[dict]:
     data = os.path.join(work, f"ml-synthetic-{rows}")
     if not os.path.isfile(os.path.join(data, "ratings.csv")):
         started = time.perf_counter()
@@ -113,7 +113,8 @@ def bench(rows: int, work: str, epochs: int) -> list[dict]:
     stages = [
         ("ingest", ["ingest", "--data-dir", data, "--ratings-output", a["r"], "--movies-output", a["m"]], rows),
         ("preprocess", ["preprocess", "--ratings", a["r"], "--output", a["e"]], rows),
-        ("train", ["train", "--examples", a["e"], "--output", a["model"], "--epochs", str(epochs)], None),
+        ("train", ["train", "--examples", a["e"], "--output", a["model"], "--epochs", str(epochs),
+                   *(train_args or [])], None),
         ("evaluate", ["evaluate", "--model", a["model"], "--examples", a["e"], "--output", a["eval"],
                       "--max-rmse", "1", "--min-hit-rate", "0", "--require-beat-baselines", "false"], None),
         ("infra-validate", ["infra-validate", "--model", a["model"], "--output", a["infra"]], None),
@@ -156,11 +157,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1000000", help="comma-separated sizes")
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument(
+        "--train-args",
+        default="",
+        help='extra `mtrec train` flags, e.g. "--batch-size 4096 --sampled-negatives 512"',
+    )
     parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "mtrec-scale"))
     args = parser.parse_args()
     results = []
     for rows in (int(r) for r in args.rows.split(",")):
-        results += bench(rows, args.work_dir, args.epochs)
+        results += bench(rows, args.work_dir, args.epochs, args.train_args.split())
     print("| rows | stage | seconds | rows/s (train: examples/s) | peak RSS GB | target | status |")
     print("|---|---|---|---|---|---|---|")
     for r in results:

@@ -61,7 +61,7 @@ from components.vocabulary import (
 
 log = logging.getLogger(__name__)
 
-TEMP_PREFIX = ".writing-"  # a split's files before they are renamed into shards
+TEMP_DIR = ".writing"  # the shard writers' files before they are renamed into shards
 BUCKET_BITS = 16  # histogram resolution of the exact-count split
 KEY_BITS = 64
 DEAD_LETTER_TAG = "dead_letter"
@@ -307,29 +307,25 @@ def _bucket_counts(chunk: dict[str, np.ndarray]) -> np.ndarray:
     return np.bincount(buckets, minlength=1 << BUCKET_BITS)
 
 
-def tagged_splits(chunk: dict[str, np.ndarray], codes: np.ndarray) -> Iterator[Any]:
-    """One tagged output per split a chunk's rows go to (codes as `assign_splits` returns)."""
-    for code, name in enumerate(SPLIT_ORDER):
-        rows = np.flatnonzero(codes == code)
-        if rows.size:
-            yield beam.pvalue.TaggedOutput(name, {c: chunk[c][rows] for c in _COLUMNS})
-
-
 class SplitRatings(beam.PTransform):
-    """Column chunks -> {split name: chunk}: exact split sizes chosen by the smallest seeded keys.
+    """Exact split sizes chosen by the smallest seeded keys, and the training split's id counts,
+    from two reads of the data (`{"first": chunks, "second": chunks}`), never holding the rows.
 
-    Two small global aggregations (a 65,536-bucket histogram, then the keys of the two buckets
-    holding the cuts) keep it exact without collecting the data set anywhere.
+    The first read builds a 65,536-bucket histogram of the keys: it tells the buckets holding the
+    two cuts. The second collects the keys of those two buckets (a few rows) to place the cuts
+    exactly, and counts the ids of the rows sure to be train (above the validation cut's bucket);
+    the rows of that bucket are settled once the cut is known. Outputs `thresholds` (for
+    `assign_splits`) and `train_counts` (for the vocabularies), both singletons.
     """
 
     def __init__(self, test_fraction: float, validation_fraction: float):
         super().__init__()
         self._fractions = (test_fraction, validation_fraction)
 
-    def expand(self, chunks):
+    def expand(self, reads):
         test_fraction, validation_fraction = self._fractions
         histogram = (
-            chunks
+            reads["first"]
             | "Buckets" >> beam.Map(_bucket_counts)
             | "Histogram" >> beam.CombineGlobally(_SumArrays(1 << BUCKET_BITS))
         )
@@ -340,18 +336,19 @@ class SplitRatings(beam.PTransform):
                 hist, [sizes[F.TEST_SPLIT], sizes[F.TEST_SPLIT] + sizes[F.VALIDATION_SPLIT]]
             )
 
-        cuts = histogram | "FindBuckets" >> beam.Map(cuts_of)
+        cuts = beam.pvalue.AsSingleton(histogram | "FindBuckets" >> beam.Map(cuts_of))
         shift = np.uint64(KEY_BITS - BUCKET_BITS)
 
-        def keys_in_cut_buckets(chunk, cuts):
-            # One uint64 array per chunk: keys above 2**63 do not fit Beam's integer coder.
+        def boundary_rows(chunk, cuts):
+            """The rows of the cut buckets (keys, users, movies): a few per chunk. Keys ride
+            in uint64 arrays: above 2**63 they do not fit Beam's integer coder."""
             wanted = [np.uint64(bucket) for bucket, _ in cuts if bucket >= 0]
-            keys = chunk["keys"][np.isin(chunk["keys"] >> shift, wanted)]
-            if keys.size:
-                yield keys
+            rows = np.isin(chunk["keys"] >> shift, wanted)
+            if rows.any():
+                yield {name: chunk[name][rows] for name in ("keys", "users", "movies")}
 
-        def thresholds_of(arrays: list[np.ndarray], cuts) -> tuple:
-            keys = np.sort(np.concatenate(arrays)) if arrays else np.zeros(0, np.uint64)
+        def thresholds_of(parts: list[dict], cuts) -> tuple:
+            keys = np.sort(np.concatenate([p["keys"] for p in parts])) if parts else np.zeros(0, np.uint64)
             out = []
             for bucket, rank in cuts:
                 if bucket < 0:
@@ -361,21 +358,42 @@ class SplitRatings(beam.PTransform):
                 out.append(in_bucket[rank - 1])
             return tuple(out)
 
+        def surely_train(chunk, cuts):
+            bucket = cuts[1][0]  # the validation cut's (-1: no row below it, all are train)
+            if bucket < 0:
+                return chunk
+            return _rows(chunk, (chunk["keys"] >> shift) > np.uint64(bucket))
+
+        boundary = reads["second"] | "CutBucketRows" >> beam.FlatMap(boundary_rows, cuts)
         thresholds = (
-            chunks
-            | "CutBucketKeys"
-            >> beam.FlatMap(keys_in_cut_buckets, beam.pvalue.AsSingleton(cuts))
-            | "CollectCutKeys" >> beam.combiners.ToList()
-            | "Thresholds" >> beam.Map(thresholds_of, beam.pvalue.AsSingleton(cuts))
+            boundary
+            | "CollectCutRows" >> beam.combiners.ToList()
+            | "Thresholds" >> beam.Map(thresholds_of, cuts)
+        )
+        counts = (
+            reads["second"]
+            | "SurelyTrain" >> beam.Map(surely_train, cuts)
+            | "CountSurelyTrain" >> beam.CombineGlobally(_VocabularyCountsFn())
         )
 
-        def split_chunk(chunk, thresholds):
-            yield from tagged_splits(chunk, assign_splits(chunk["keys"], thresholds))
+        def add_boundary_train(counts, parts: list[dict], thresholds):
+            counts = (Counter(counts[0]), Counter(counts[1]))  # side values are not ours to change
+            if parts:
+                rows = {n: np.concatenate([p[n] for p in parts]) for n in ("keys", "users", "movies")}
+                train = assign_splits(rows["keys"], thresholds) == 2
+                _VocabularyCountsFn().add_input(counts, _rows(rows, train))
+            return counts
 
-        split = chunks | "Assign" >> beam.FlatMap(
-            split_chunk, beam.pvalue.AsSingleton(thresholds)
-        ).with_outputs(*SPLIT_ORDER)
-        return {name: split[name] for name in SPLIT_ORDER}
+        train_counts = counts | "CountBoundaryTrain" >> beam.Map(
+            add_boundary_train,
+            beam.pvalue.AsList(boundary),
+            beam.pvalue.AsSingleton(thresholds),
+        )
+        return {"thresholds": thresholds, "train_counts": train_counts}
+
+
+def _rows(chunk: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: values[rows] for name, values in chunk.items()}
 
 
 class _TopKeysFn(beam.CombineFn):
@@ -398,44 +416,56 @@ class _TopKeysFn(beam.CombineFn):
         return acc
 
 
-def newest_per_user(chunk: dict[str, np.ndarray], k: int) -> Iterator[tuple[int, np.ndarray]]:
+def newest_per_user(chunk: dict[str, np.ndarray], k: int) -> Iterator[tuple[Any, np.ndarray]]:
     """(user, up to k newest recency keys of that user in this chunk)."""
-    order = np.lexsort((chunk["recency"], chunk["users"]))
+    order = np.lexsort((chunk["recency"], id_hashes(chunk["users"])))
     users, recency = chunk["users"][order], chunk["recency"][order]
     ends = np.r_[np.flatnonzero(users[1:] != users[:-1]), len(users) - 1] + 1
     starts = np.r_[0, ends[:-1]]
     for start, end in zip(starts, ends, strict=True):
-        yield int(users[start]), recency[max(start, end - k) : end]
+        yield users[start].item() if users.dtype != object else users[start], recency[
+            max(start, end - k) : end
+        ]
+
+
+def last_k_codes(chunk: dict[str, np.ndarray], limits: dict, validation_fraction: float) -> np.ndarray:
+    """Split codes (as `assign_splits`) of a chunk under last-k: a user's k newest ratings
+    (recency >= the user's k-th newest) are test; a seeded share of the rest is validation."""
+    cut = np.uint64(min(int(validation_fraction * 2.0**64), 2**64 - 1))
+    users = chunk["users"].tolist()
+    kth = np.array([limits[u] for u in users], dtype=np.uint64)
+    return np.where(chunk["recency"] >= kth, 0, np.where(chunk["keys"] < cut, 1, 2)).astype(np.int8)
 
 
 class LastKSplit(beam.PTransform):
-    """Column chunks -> {split: chunk}: each user's k newest ratings are the test split; the
-    validation split is a seeded `validation_fraction` of the rest (by hash, not exact)."""
+    """Each user's k newest ratings are the test split; the validation split is a seeded
+    `validation_fraction` of the rest (by hash, not exact). From two reads, as `SplitRatings`:
+    `thresholds` is a PCollection of (user, k-th newest recency key) pairs (a dict side input
+    for `last_k_codes`), `train_counts` the training split's id counts."""
 
     def __init__(self, k: int, validation_fraction: float):
         super().__init__()
         self._k = k
         self._validation = validation_fraction
 
-    def expand(self, chunks):
+    def expand(self, reads):
         k, fraction = self._k, self._validation
         thresholds = (
-            chunks
+            reads["first"]
             | "NewestPerUser" >> beam.FlatMap(newest_per_user, k)
             | "TopKPerUser" >> beam.CombinePerKey(_TopKeysFn(k))
             | "KthNewest" >> beam.MapTuple(lambda user, keys: (user, keys.min()))
         )
-        cut = np.uint64(min(int(fraction * 2.0**64), 2**64 - 1))
 
-        def split_chunk(chunk, thresholds):
-            limits = np.array([thresholds[int(u)] for u in chunk["users"]], dtype=np.uint64)
-            codes = np.where(chunk["recency"] >= limits, 0, np.where(chunk["keys"] < cut, 1, 2))
-            yield from tagged_splits(chunk, codes)
+        def train_rows(chunk, limits):
+            return _rows(chunk, last_k_codes(chunk, limits, fraction) == 2)
 
-        split = chunks | "Assign" >> beam.FlatMap(
-            split_chunk, beam.pvalue.AsDict(thresholds)
-        ).with_outputs(*SPLIT_ORDER)
-        return {name: split[name] for name in SPLIT_ORDER}
+        train_counts = (
+            reads["second"]
+            | "TrainRows" >> beam.Map(train_rows, beam.pvalue.AsDict(thresholds))
+            | "CountTrain" >> beam.CombineGlobally(_VocabularyCountsFn())
+        )
+        return {"thresholds": thresholds, "train_counts": train_counts}
 
 
 class _IdStatsFn(beam.CombineFn):
@@ -546,55 +576,67 @@ def tfrecord_frames(records: list[bytes]) -> bytes:
 
 
 class _WriteExamplesFn(beam.DoFn):
-    """Column chunks -> TFRecord files of Examples (vocabulary indices), one file per bundle.
+    """Column chunks -> split codes -> TFRecord files of Examples (vocabulary indices): per
+    bundle, one file per split.
 
     A chunk is encoded and written as one piece, so no per-row element crosses Beam (that cost
-    ~10 us a row in DirectRunner). Outputs each finished file's temporary path (renamed into
-    shards by `_finalize_shards`) and, tagged `oov`, per-chunk counts (rows, rows of an unknown
-    user, of an unknown movie). Paths go through Beam's FileSystems, so the same code writes to
-    gs:// on Dataflow."""
+    ~10 us a row in DirectRunner). Outputs each finished file as (split, temporary path), renamed
+    into shards by `_finalize_shards`, and, tagged `oov`, per chunk and split the counts (rows,
+    rows of an unknown user, of an unknown movie). Paths go through Beam's FileSystems, so the
+    same code writes to gs:// on Dataflow."""
 
-    def __init__(self, temp_dir: str, total_rows: int | None, stars_range: tuple[float, float]):
+    def __init__(
+        self,
+        temp_dir: str,
+        total_rows: int | None,
+        stars_range: tuple[float, float],
+        last_k_validation: float | None = None,
+    ):
         super().__init__()
         self._temp_dir = temp_dir
         self._total = total_rows
         self._stars_range = stars_range
+        self._last_k_validation = last_k_validation  # None: exact thresholds, else last-k
 
     def setup(self):
         self._reporter = progress.Reporter("rows", self._total)
 
     def start_bundle(self):
-        self._path = None
-        self._handle = None
+        self._files: dict[str, tuple[str, Any]] = {}
 
-    def process(self, chunk, vocab: Vocabularies):
+    def process(self, chunk, vocab: Vocabularies, thresholds):
+        if self._last_k_validation is None:
+            codes = assign_splits(chunk["keys"], thresholds)
+        else:
+            codes = last_k_codes(chunk, thresholds, self._last_k_validation)
         indexed = apply_vocabularies(chunk, vocab)
-        rows = np.arange(len(chunk["keys"]))
-        if self._handle is None:
-            self._path = FileSystems.join(self._temp_dir, f"{uuid.uuid4().hex}{TFRECORD_SUFFIX}")
-            self._handle = FileSystems.create(self._path)
-        self._handle.write(tfrecord_frames(encode_rows(indexed, rows, self._stars_range)))
-        yield beam.pvalue.TaggedOutput(
-            OOV_TAG,
-            np.array(
-                [len(rows), int((indexed["users"] == 0).sum()), int((indexed["movies"] == 0).sum())],
-                dtype=np.int64,
-            ),
-        )
-        self._reporter.advance(len(rows))
+        for code, split in enumerate(SPLIT_ORDER):
+            rows = np.flatnonzero(codes == code)
+            if not rows.size:
+                continue
+            if split not in self._files:
+                path = FileSystems.join(self._temp_dir, f"{split}-{uuid.uuid4().hex}")
+                self._files[split] = (path, FileSystems.create(path))
+            records = encode_rows(indexed, rows, self._stars_range)
+            self._files[split][1].write(tfrecord_frames(records))
+            counts = [rows.size, int((indexed["users"][rows] == 0).sum()), int((indexed["movies"][rows] == 0).sum())]
+            yield beam.pvalue.TaggedOutput(OOV_TAG, (split, np.array(counts, dtype=np.int64)))
+        self._reporter.advance(len(codes))
 
     def finish_bundle(self):
-        if self._handle is not None:
-            self._handle.close()
+        for split, (path, handle) in self._files.items():
+            handle.close()
             yield beam.utils.windowed_value.WindowedValue(
-                self._path, beam.utils.timestamp.MIN_TIMESTAMP, [beam.transforms.window.GlobalWindow()]
+                (split, path),
+                beam.utils.timestamp.MIN_TIMESTAMP,
+                [beam.transforms.window.GlobalWindow()],
             )
 
 
-def _finalize_shards(temp_paths: list[str], out_dir: str, split: str) -> int:
+def _finalize_shards(files: list[tuple[str, str]], out_dir: str, split: str) -> int:
     """Rename a split's temporary files to `<split>-NNNNN-of-MMMMM.tfrecord` (an empty shard
     when the split holds no rows); returns the number of shards."""
-    paths = sorted(temp_paths)
+    paths = sorted(path for name, path in files if name == split)
     if not paths:
         empty = FileSystems.join(out_dir, f"{split}-00000-of-00001{TFRECORD_SUFFIX}")
         FileSystems.create(empty).close()
@@ -624,31 +666,35 @@ def build_pipeline(
     superseded = frozenset(ingestion.get("superseded_lines", ()))
     id_kinds = dict(ingestion.get("id_kinds") or {"user": INT64, "movie": INT64})
     total_rows = (ingestion.get("ratings_rows") or 0) - len(superseded) or None
-    chunks = (
-        pipeline
-        | "Paths" >> beam.Create(ratings_paths)
-        | "ReadBlocks" >> beam.FlatMap(lambda path: read_blocks(path, names.get(path, path)))
-    )
     settings = ParseSettings(
         config.split_seed, config.split, layout, superseded, tuple(sorted(id_kinds.items()))
     )
-    parsed = chunks | "ParseRatings" >> ParseRatings(settings)
-    ratings, dead = parsed["ratings"], parsed[DEAD_LETTER_TAG]
-    if config.split == SPLIT_LAST_K:
-        splits = ratings | "Split" >> LastKSplit(config.last_k, config.validation_fraction)
-    else:
-        splits = ratings | "Split" >> SplitRatings(
-            config.test_fraction, config.validation_fraction
+
+    def read(label: str):
+        """A fresh read of the ratings. Each pass fuses read -> parse -> its consumers, so no
+        PCollection of rows is ever held (DirectRunner keeps in memory every PCollection a
+        later stage reads): memory is bounded by the vocabularies, not the rows."""
+        return (
+            pipeline
+            | f"{label}Paths" >> beam.Create(ratings_paths)
+            | f"{label}Read" >> beam.FlatMap(lambda path: read_blocks(path, names.get(path, path)))
+            | f"{label}Parse" >> ParseRatings(settings)
         )
 
+    first, second, third = read("First"), read("Second"), read("Third")
+    reads = {"first": first["ratings"], "second": second["ratings"]}
+    if config.split == SPLIT_LAST_K:
+        split = reads | "Split" >> LastKSplit(config.last_k, config.validation_fraction)
+        thresholds = beam.pvalue.AsDict(split["thresholds"])
+        last_k_validation = config.validation_fraction
+    else:
+        split = reads | "Split" >> SplitRatings(config.test_fraction, config.validation_fraction)
+        thresholds = beam.pvalue.AsSingleton(split["thresholds"])
+        last_k_validation = None
+
     # Vocabularies from the training split only (TFX's analyse-on-train), applied to every split.
-    vocabularies = (
-        splits[F.TRAIN_SPLIT]
-        | "CountIds" >> beam.CombineGlobally(_VocabularyCountsFn())
-        | "Vocabularies"
-        >> beam.ParDo(
-            _BuildVocabularies(id_kinds, config.min_user_count, config.min_item_count)
-        )
+    vocabularies = split["train_counts"] | "Vocabularies" >> beam.ParDo(
+        _BuildVocabularies(id_kinds, config.min_user_count, config.min_item_count)
     )
     for role, attribute, file_name in (
         ("Users", "users", USERS_FILE),
@@ -666,19 +712,28 @@ def build_pipeline(
             )
         )
 
+    written = third["ratings"] | "WriteExamples" >> beam.ParDo(
+        _WriteExamplesFn(
+            FileSystems.join(out_dir, TEMP_DIR), total_rows, stars_range, last_k_validation
+        ),
+        beam.pvalue.AsSingleton(vocabularies),
+        thresholds,
+    ).with_outputs(OOV_TAG, main="files")
+    files = beam.pvalue.AsList(written.files)
     counts = {}
-    for name, split in splits.items():
-        temp_dir = FileSystems.join(out_dir, f"{TEMP_PREFIX}{name}")
-        written = split | f"Write{name}" >> beam.ParDo(
-            _WriteExamplesFn(temp_dir, total_rows, stars_range),
-            beam.pvalue.AsSingleton(vocabularies),
-        ).with_outputs(OOV_TAG, main="files")
-        (
-            written.files
-            | f"Collect{name}Files" >> beam.combiners.ToList()
-            | f"Finalize{name}" >> beam.Map(_finalize_shards, out_dir, name)
+    for name in SPLIT_ORDER:
+        _ = (
+            pipeline
+            | f"{name}Split" >> beam.Create([name])
+            | f"Finalize{name}" >> beam.Map(lambda split, files: _finalize_shards(files, out_dir, split), files)
         )
-        counts[name] = written[OOV_TAG] | f"Count{name}" >> beam.CombineGlobally(_SumArrays(3))
+        counts[name] = (
+            written[OOV_TAG]
+            | f"Only{name}" >> beam.FlatMap(lambda item, name=name: [item[1]] if item[0] == name else [])
+            | f"Count{name}" >> beam.CombineGlobally(_SumArrays(3))
+        )
+    dead = third[DEAD_LETTER_TAG]
+    ratings = first["ratings"]
     (
         dead
         | "DeadLetterJson" >> beam.Map(_bad_row_json)
@@ -739,7 +794,7 @@ def build_pipeline(
             os.path.join(out_dir, F.STATS_FILE), shard_name_template="", num_shards=1
         )
     )
-    return splits, dead
+    return dead
 
 
 def read_dead_letters(out_dir: str, limit: int = MAX_REPORTED_PROBLEMS) -> list[str]:
@@ -793,9 +848,7 @@ def run_preprocessing(
                     {ratings_path: source_name} if source_name else None,
                     ingestion,
                 )
-            for name in os.listdir(staging):  # the emptied folders of the shard writers
-                if name.startswith(TEMP_PREFIX):
-                    shutil.rmtree(os.path.join(staging, name))
+            shutil.rmtree(os.path.join(staging, TEMP_DIR), ignore_errors=True)  # emptied
             stats = load_stats(staging)
             if not stats["vocabulary"]["users"] or not stats["vocabulary"]["movies"]:
                 raise DataError(

@@ -101,3 +101,56 @@ def test_data_dir_and_interactions_are_exclusive(tmp_path, small_data_dir):
             small_data_dir, str(tmp_path / "r"), str(tmp_path / "m"),
             IngestionConfig(interactions="x.csv"),
         )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_string_ids_end_to_end_through_grpc_and_query(tmp_path, capsys):
+    """`mtrec run --interactions` with string ids: the pushed SavedModel answers a string user
+    id over gRPC with string item ids, an unknown user gets cold_start, and `mtrec query`
+    prints titles."""
+    import grpc
+    import numpy as np
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from components import features as F
+    from components.config import GateConfig, PipelineConfig, TrainingConfig
+    from pipeline.cli import main
+    from pipeline.runners import run_local
+    from serving.config import ServerConfig
+    from serving.server import ModelServer
+
+    events = write_interactions(str(tmp_path / "events.csv"), items_path=str(tmp_path / "items.csv"))
+    config = PipelineConfig(
+        output_dir=str(tmp_path / "out"),
+        ingestion=IngestionConfig(interactions=events, items=str(tmp_path / "items.csv")),
+        training=TrainingConfig(epochs=2, batch_size=256),
+        gates=GateConfig(max_rmse=1.0, min_hit_rate=0.0, require_beat_baselines=False),
+    )
+    result = run_local(config)
+    assert result.blessed and result.model_path
+    server = ModelServer(
+        ServerConfig(str(tmp_path / "out" / "serving"), "mtrec", host="127.0.0.1", port=0, rest_port=-1)
+    ).start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            request = predict_pb2.PredictRequest()
+            request.model_spec.name = "mtrec"
+            request.inputs[F.USER_ID].CopyFrom(
+                tf.make_tensor_proto(np.array([b"user-0005", b"nobody"]))
+            )
+            response = stub.Predict(request, timeout=30)
+        movies = tf.make_ndarray(response.outputs[F.OUT_MOVIE_IDS])
+        assert movies.shape == (2, 10)
+        assert all(m.decode().startswith("sku/") for m in movies.ravel())
+        assert tf.make_ndarray(response.outputs[F.OUT_COLD_START]).tolist() == [False, True]
+        capsys.readouterr()
+        code = main(
+            ["query", "--target", f"127.0.0.1:{server.port}", "--user-id", "user-0005",
+             "--movies", str(tmp_path / "out")]
+        )  # fmt: skip
+        assert code == 0
+        assert len([line for line in capsys.readouterr().out.splitlines() if "a title" in line]) == 10
+    finally:
+        server.stop(grace=0)

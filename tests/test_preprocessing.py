@@ -145,11 +145,22 @@ def test_split_is_exact_and_follows_the_hash_order(n, test, validation):
     }
     expected[F.TRAIN_SPLIT] = sorted(set(range(n)) - set(expected[F.TEST_SPLIT]) - set(expected[F.VALIDATION_SPLIT]))
     with TestPipeline(options=_options()) as p:
-        splits = p | beam.Create(chunks) | SplitRatings(test, validation)
-        for name in SPLIT_ORDER:
+        rows = p | beam.Create(chunks)
+        split = {"first": rows, "second": rows} | SplitRatings(test, validation)
+        thresholds = beam.pvalue.AsSingleton(split["thresholds"])
+        for code, name in enumerate(SPLIT_ORDER):
             # Row i has timestamp 1000 + i: recover the row indices of each split.
-            rows = splits[name] | f"Rows{name}" >> beam.FlatMap(lambda c: (c["timestamps"] - 1000).tolist())
-            assert_that(rows, equal_to(expected[name]), label=name)
+            def of_split(chunk, thresholds, code=code):
+                keep = assign_splits(chunk["keys"], thresholds) == code
+                return (chunk["timestamps"][keep] - 1000).tolist()
+
+            got = rows | f"Rows{name}" >> beam.FlatMap(of_split, thresholds)
+            assert_that(got, equal_to(expected[name]), label=name)
+        # The training split's id counts: the rows above the validation cut, exactly.
+        all_users = np.concatenate([c["users"] for c in chunks])
+        train_users = sorted(all_users[expected[F.TRAIN_SPLIT]].tolist())
+        counted = split["train_counts"] | beam.FlatMap(lambda counts: sorted(counts[0].elements()))
+        assert_that(counted, equal_to(train_users), label="train counts")
 
 
 def test_split_keys_depend_on_the_seed_and_the_row_not_on_the_chunking():
