@@ -92,6 +92,8 @@ class IngestionConfig(_Section):
     item_column: str = "item_id"
     rating_column: str = "rating"
     timestamp_column: str = "timestamp"
+    # Without --data-dir or --interactions: the tensorflow-datasets MovieLens size (online).
+    tfds_name: str = "movielens/100k-ratings"
 
     def validate(self) -> None:
         names = (self.user_column, self.item_column, self.rating_column, self.timestamp_column)

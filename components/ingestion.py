@@ -71,7 +71,12 @@ ML_CSV = Layout(
 # Your own interaction logs, as ingestion rewrites them (components/interactions.py): ids are
 # tokens (int64 or strings, see components/vocabulary.py), any finite rating, no header.
 INTERACTIONS = Layout("interactions", "", "", "\t", "\t", "", "utf-8", 0.0)
-LAYOUTS = {layout.name: layout for layout in (ML_100K, ML_DAT, ML_CSV, INTERACTIONS)}
+# tensorflow-datasets' other MovieLens sizes (half stars in 20m, 25m, latest-small), as ingestion
+# rewrites them: tab-separated, the rating as a number.
+TFDS_HALF_STARS = Layout("tfds", "", "", "\t", "|", "", "utf-8", 0.5)
+LAYOUTS = {
+    layout.name: layout for layout in (ML_100K, ML_DAT, ML_CSV, INTERACTIONS, TFDS_HALF_STARS)
+}
 MOVIELENS_LAYOUTS = (ML_100K, ML_DAT, ML_CSV)
 MIN_STARS, MAX_STARS = 0.5, 5.0  # every MovieLens release's ratings lie in this range
 
@@ -543,8 +548,19 @@ def _write_json(path: str, payload: dict) -> None:
         json.dump(payload, out, indent=2)
 
 
-TFDS_RATINGS = "movielens/100k-ratings"
-TFDS_MOVIES = "movielens/100k-movies"
+TFDS_RATINGS = "movielens/100k-ratings"  # the default --tfds-name
+
+
+def tfds_names(ratings_name: str) -> tuple[str, str]:
+    """(ratings, movies) tensorflow-datasets names of a MovieLens size, e.g.
+    movielens/1m-ratings -> movielens/1m-movies."""
+    if not (ratings_name.startswith("movielens/") and ratings_name.endswith("-ratings")):
+        raise DataError(
+            f"--tfds-name {ratings_name!r}: expected a MovieLens ratings data set of "
+            "tensorflow-datasets, e.g. movielens/100k-ratings, movielens/1m-ratings, "
+            "movielens/25m-ratings"
+        )
+    return ratings_name, ratings_name[: -len("-ratings")] + "-movies"
 DOWNLOAD_HOST = "files.grouplens.org"  # where tensorflow-datasets fetches ml-100k.zip
 
 
@@ -564,42 +580,49 @@ def _check_download_host(timeout: float = 5.0) -> None:
 
 
 def ingest_tfds(
-    ratings_dir: str, movies_dir: str, tfds_data_dir: str | None = None
+    ratings_dir: str,
+    movies_dir: str,
+    tfds_data_dir: str | None = None,
+    ratings_name: str = TFDS_RATINGS,
 ) -> IngestionReport:
-    """Ingest `movielens/100k-ratings` + `100k-movies` via tensorflow-datasets (downloads once,
-    then reads its local copy)."""
+    """Ingest a MovieLens size's ratings + movies via tensorflow-datasets (downloads once, then
+    reads its local copy); `movielens/100k-ratings` by default."""
+    ratings_name, movies_name = tfds_names(ratings_name)
     import tensorflow_datasets as tfds
 
     try:
         prepared = all(
             tfds.builder(name, data_dir=tfds_data_dir).is_prepared()
-            for name in (TFDS_RATINGS, TFDS_MOVIES)
+            for name in (ratings_name, movies_name)
         )
         if not prepared:
             _check_download_host()
-        ratings = tfds.load(TFDS_RATINGS, split="train", data_dir=tfds_data_dir)
-        movies = tfds.load(TFDS_MOVIES, split="train", data_dir=tfds_data_dir)
+        ratings = tfds.load(ratings_name, split="train", data_dir=tfds_data_dir)
+        movies = tfds.load(movies_name, split="train", data_dir=tfds_data_dir)
     except DataError:
         raise
     except Exception as err:  # tfds raises many kinds of download/IO errors
         first_line = str(err).splitlines()[0] if str(err) else ""
         raise _offline_error(f"{type(err).__name__}: {first_line}") from None
-    source = f"tfds:{TFDS_RATINGS}"
+    source = f"tfds:{ratings_name}"
+    layout = ML_100K if ratings_name == TFDS_RATINGS else TFDS_HALF_STARS
     with _outputs(ratings_dir, movies_dir) as tmp:
         ratings_path = os.path.join(tmp, F.RATINGS_FILE)
         with open(ratings_path, "w", encoding="utf-8") as out:
             for row in tfds.as_numpy(ratings):
+                stars = float(row["user_rating"])
+                text = f"{int(round(stars))}" if layout is ML_100K else f"{stars:g}"
                 out.write(
-                    f"{int(row['user_id'])}\t{int(row['movie_id'])}\t"
-                    f"{int(round(float(row['user_rating'])))}\t{int(row['timestamp'])}\n"
+                    f"{int(row['user_id'])}\t{int(row['movie_id'])}\t{text}\t"
+                    f"{int(row['timestamp'])}\n"
                 )
-        check = check_ratings(ratings_path, source)
+        check = check_ratings(ratings_path, source, layout)
         movie_rows = (
             (int(row["movie_id"]), row["movie_title"].decode("utf-8", "replace"))
             for row in tfds.as_numpy(movies)
         )
-        count = _write_movies(movie_rows, os.path.join(tmp, F.MOVIES_FILE), f"tfds:{TFDS_MOVIES}")
-        report = IngestionReport.of(source, ML_100K, check, count)
+        count = _write_movies(movie_rows, os.path.join(tmp, F.MOVIES_FILE), f"tfds:{movies_name}")
+        report = IngestionReport.of(source, layout, check, count)
         _write_json(os.path.join(tmp, F.INGESTION_REPORT), report.to_dict())
     return report
 
@@ -618,7 +641,8 @@ def run_ingestion(
     elif data_dir:
         report = ingest_folder(data_dir, ratings_dir, movies_dir)
     else:
-        report = ingest_tfds(ratings_dir, movies_dir)
+        name = config.tfds_name if config is not None else TFDS_RATINGS
+        report = ingest_tfds(ratings_dir, movies_dir, ratings_name=name)
     log.info(
         "ingested %d ratings (%d malformed) and %d movies from %s",
         report.ratings_rows,

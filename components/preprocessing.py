@@ -1,16 +1,23 @@
-"""Stage 2, preprocessing (Apache Beam): parse, normalise, split, write TFRecords.
+"""Stage 2, preprocessing (Apache Beam): parse, normalise, split, build vocabularies, write
+TFRecords.
 
-Rows travel in chunks (numpy columns of up to `CHUNK_ROWS` rows), not one element per row: the
-per-element cost of a Beam runner, not the parsing, is what made this stage slow. Every line is
-parsed with the ingestion stage's parser; malformed lines go to a dead-letter output (file, line
-number, reason) instead of being dropped. Valid rows are normalised to `(stars - 1) / 4` and
+Rows travel in chunks (numpy columns of a block of ~1 MB of lines), never one element per row:
+the per-element cost of a Beam runner, not the parsing, is what made this stage slow. A block is
+checked and converted at once (`ingestion.parse_block`); a block holding a malformed line is
+parsed line by line, and each malformed line goes to a dead-letter output (file, line number,
+reason) instead of being dropped. Valid rows are normalised over the data's rating range and
 split by a seeded 64-bit hash of (user, movie, timestamp): the `round(N * test_fraction)`
 smallest keys form the test split, the next `round((N - test) * validation_fraction)` the
 validation split (carved from train), the rest train -- deterministic whatever the runner, the
-chunking or the file order. Outputs: `tf.train.Example` TFRecords per split and `stats.json`.
+chunking or the file order. User and movie vocabularies are counted on the training split;
+Examples hold vocabulary indices. Outputs: `tf.train.Example` TFRecords per split,
+`vocabulary/`, `stats.json`.
 
-Runs on DirectRunner here; the same transforms run on Dataflow/Flink/Spark: standard Beam pipeline
-options pass straight through.
+The data is read three times, each read fused with its consumers (the key histogram; the rows at
+the split cuts and the training split's id counts; assignment, indexing and writing), so no
+PCollection of rows is ever materialised: memory is bounded by the vocabularies, not the rows.
+Runs on DirectRunner here; the same transforms run on Dataflow/Flink/Spark: standard Beam
+pipeline options pass straight through (`mtrec preprocess --beam-args ...`).
 """
 
 import hashlib

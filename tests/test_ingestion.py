@@ -147,6 +147,21 @@ def test_tfds_offline_fails_fast_with_a_clear_message(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_tfds_names_follow_the_movielens_size():
+    from components.ingestion import tfds_names
+
+    assert tfds_names("movielens/1m-ratings") == ("movielens/1m-ratings", "movielens/1m-movies")
+    with pytest.raises(DataError, match="expected a MovieLens ratings data set"):
+        tfds_names("mnist")
+
+
+def test_the_tfds_half_star_layout_parses_numbers():
+    from components.ingestion import TFDS_HALF_STARS, parse_block, parse_rating_line
+
+    assert parse_rating_line("7\t42\t3.5\t100\n", "tfds", 1, TFDS_HALF_STARS).stars == 3.5
+    assert parse_block("7\t42\t3.5\t100\n", TFDS_HALF_STARS)["stars"].tolist() == [3.5]
+
+
 @pytest.mark.parametrize("layout", ["ml-100k", "ml-1m", "ml-25m"])
 def test_every_release_layout_is_recognised(tmp_path, layout):
     from tests.conftest import write_movielens
