@@ -125,6 +125,7 @@ class Signature:
             if limits.batching and mergeable
             else None
         )
+
     def _unknown_inputs(self, names: Iterable[str]) -> RequestError:
         return invalid_argument(
             f"signature {self.name!r} has no input named {', '.join(map(repr, sorted(names)))}; "
