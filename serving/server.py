@@ -63,6 +63,7 @@ class ModelServer:
             self.metrics.on_batch,
             config.inter_op_threads,
             config.intra_op_threads,
+            config.max_string_bytes,
         )
         self.registry = ModelRegistry(
             model_specs(config), limits, config.warm_up, self.metrics.on_load

@@ -23,7 +23,13 @@ from components import features as F
 from components.layout import METADATA_DIR, SAVED_MODEL_FILE, WARMUP_FILE
 from serving.batching import Batcher
 from serving.errors import RequestError, invalid_argument
-from serving.tensors import InputSpec, decode_tensor, dtype_name
+from serving.tensors import (
+    DEFAULT_MAX_STRING_BYTES,
+    InputSpec,
+    check_strings,
+    decode_tensor,
+    dtype_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +53,7 @@ class Limits:
     on_batch: Callable[[int], None] | None = None
     inter_op_threads: int = 1  # TensorFlow's, per loaded version (0: its default)
     intra_op_threads: int = 0
+    max_string_bytes: int = DEFAULT_MAX_STRING_BYTES  # per DT_STRING element
 
 
 DEFAULT_LIMITS = Limits()
@@ -151,7 +158,11 @@ class Signature:
         limits = self.limits
         arrays = {
             name: decode_tensor(
-                proto, self.inputs[name], limits.max_batch_size, limits.max_dim_size
+                proto,
+                self.inputs[name],
+                limits.max_batch_size,
+                limits.max_dim_size,
+                limits.max_string_bytes,
             )
             for name, proto in protos.items()
         }
@@ -169,6 +180,8 @@ class Signature:
                     f"{spec.where()} must be {dtype_name(spec.dtype_enum)}, got {array.dtype.name}"
                 )
             spec.check_shape(array.shape, limits.max_batch_size, limits.max_dim_size)
+            if spec.dtype_enum == types_pb2.DT_STRING:
+                check_strings(array, spec, limits.max_string_bytes)
         self._check_batch(arrays)
 
     def _check_batch(self, arrays: dict[str, np.ndarray]) -> None:
