@@ -12,6 +12,7 @@ request gets its own answer or error.
 """
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -73,6 +74,11 @@ class Batcher:
     def _lead(self) -> None:
         """Run one batch (starting with the oldest request), then hand leadership on."""
         try:
+            # Let threads holding requests that arrived with this one reach the queue before
+            # the batch is taken: a request's own Python (gRPC's and ours) takes longer than
+            # the model call, so without it batches rarely merge (1.1 rows per call at 8
+            # clients, 2.6 with it). No wait at all: a thread with nothing to do is not woken.
+            time.sleep(0)
             self._execute(self._take())
         finally:
             with self._lock:
