@@ -11,8 +11,8 @@ A merged call that fails (one request's unknown id) is re-run request by request
 request gets its own answer or error.
 """
 
+import os
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 
@@ -76,9 +76,11 @@ class Batcher:
         try:
             # Let threads holding requests that arrived with this one reach the queue before
             # the batch is taken: a request's own Python (gRPC's and ours) takes longer than
-            # the model call, so without it batches rarely merge (1.1 rows per call at 8
-            # clients, 2.6 with it). No wait at all: a thread with nothing to do is not woken.
-            time.sleep(0)
+            # the model call, so without it batches rarely merge (measured at 8 clients: 1.1-1.9
+            # rows per model call without, 4-6 with, ~25% less server CPU per request).
+            # sched_yield releases the GIL for ~1 us when no thread wants it (time.sleep(0)
+            # would cost 50-150 us: the kernel's timer slack).
+            os.sched_yield()
             self._execute(self._take())
         finally:
             with self._lock:
