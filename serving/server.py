@@ -64,6 +64,7 @@ class ModelServer:
             config.inter_op_threads,
             config.intra_op_threads,
             config.max_string_bytes,
+            self.metrics.active,
         )
         self.registry = ModelRegistry(
             model_specs(config), limits, config.warm_up, self.metrics.on_load

@@ -54,6 +54,7 @@ class Limits:
     inter_op_threads: int = 1  # TensorFlow's, per loaded version (0: its default)
     intra_op_threads: int = 0
     max_string_bytes: int = DEFAULT_MAX_STRING_BYTES  # per DT_STRING element
+    in_flight: Callable[[], int] | None = None  # requests inside the server now (batching)
 
 
 DEFAULT_LIMITS = Limits()
@@ -128,7 +129,7 @@ class Signature:
         )
         mergeable = self.batched and len(arrays) == len(shapes)
         self._batcher = (
-            Batcher(self.call, limits.max_batch_size, limits.on_batch)
+            Batcher(self.call, limits.max_batch_size, limits.on_batch, limits.in_flight)
             if limits.batching and mergeable
             else None
         )
