@@ -37,6 +37,7 @@ from components.baselines import (
 from components.config import DEFAULT_TRAINING, PreprocessingConfig, TrainingConfig
 from components.evaluation import Split, rating_metrics, topk_metrics
 from components.report import format_table
+from components.vocabulary import load_vocabularies
 
 DEFAULT_DATA_DIR = "/work/shared/data/ml-100k"
 VALIDATION_FRACTION = 0.1
@@ -73,17 +74,23 @@ def concat(a: Split, b: Split) -> Split:
     )
 
 
+VOCABULARIES = None  # of the examples load_splits read
+
+
 def load_splits(data_dir: str, work_dir: str, examples_dir: str = "") -> tuple[Split, Split, int]:
-    """(train, test, num_movies) of the pipeline's own preprocessing (ingested once)."""
+    """(train, test, num_movies) of the pipeline's own preprocessing (ingested once); the
+    examples' vocabularies are kept for the side-features lever."""
+    global VOCABULARIES
     from components.examples import load_stats
     from pipeline.experiments import prepare_examples
 
     examples = examples_dir or prepare_examples(data_dir, work_dir, PreprocessingConfig())
     stats = load_stats(examples)
+    VOCABULARIES = load_vocabularies(examples, stats)
     # The pipeline's train and validation splits together: this bench carves its own validation.
     train = concat(Split.load(examples, F.TRAIN_SPLIT), Split.load(examples, F.VALIDATION_SPLIT))
     test = Split.load(examples, F.TEST_SPLIT)
-    return train, test, int(stats["max_movie_id"]) + 1
+    return train, test, int(stats["vocabulary"]["movies"]) + 1
 
 
 def fit_model(
@@ -106,7 +113,7 @@ def fit_model(
     counts = np.bincount(fit.movies, minlength=num_movies)
     features = {}
     if config.use_side_features:
-        user_features, movie_features = load_side_features(data_dir, num_users, num_movies)
+        user_features, movie_features = load_side_features(data_dir, VOCABULARIES)
         features = {"user_features": user_features, "movie_features": movie_features}
     model = Recommender(
         num_users, num_movies, counts, config, user_history=(fit.users, fit.movies), **features

@@ -1,17 +1,22 @@
 """Scale benchmark: every stage on synthetic data with ML-25M's shape, rows/s and peak RSS per stage.
 
     python bench/scale.py --rows 1000000,5000000,25000000 [--epochs 1] [--work-dir DIR]
+        [--train-args "--batch-size 2048 --retrieval-negatives in-batch --sampled-negatives 0"]
+        [--stages train]   # e.g. training alone, on a GPU machine (`pip install -e ".[gpu]"`)
 
 Generates ratings in ml-25m's exact CSV layout (ratings.csv / movies.csv, header, quoted titles,
 half stars) at ML-25M's shape (162k users, 59k movies at 25M rows; fewer at smaller sizes, same
 ratings per user), with Zipf-like movie popularity, skewed user activity and users with latent
 tastes (taste clusters) so a model can learn. Then runs each stage as its own process (as a KFP
 task would), measuring wall time and the process's peak RSS (wait4), and prints a table with the
-issue's targets. Run by hand; it is not a test.
+issue's targets. Training is reported twice: the whole process (start-up, loading, export
+included) and the fit alone (from the stage's "fit took" log line), with the device it ran on
+(the stage logs what TensorFlow sees). Run by hand; it is not a test.
 """
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -86,8 +91,12 @@ def generate(directory: str, rows: int, seed: int = 0) -> str:
     return directory
 
 
+LAST_LOG: list[str] = []  # the last stage's log lines
+
+
 def run_stage(args: list[str]) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS in GB, exit status) of `mtrec ARGS` in its own process."""
+    """(wall seconds, peak RSS in GB, exit status) of `mtrec ARGS` in its own process; its log
+    lines are kept in LAST_LOG."""
     started = time.perf_counter()
     process = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", *args],
@@ -95,15 +104,32 @@ def run_stage(args: list[str]) -> tuple[float, float, int]:
         stderr=subprocess.PIPE,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
     )
+    log = process.stderr.read().decode(errors="replace")
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started
+    LAST_LOG[:] = log.splitlines()
     if status:
-        tail = process.stderr.read().decode(errors="replace").strip().splitlines()[-3:]
+        tail = log.strip().splitlines()[-3:]
         print(f"  mtrec {args[0]} failed: {' | '.join(tail)}", file=sys.stderr)
     return seconds, usage.ru_maxrss / 2**20, status
 
 
-def bench(rows: int, work: str, epochs: int) -> list[dict]:
+def _fit_line(units: int) -> str:
+    """'fit N examples/s on DEVICE' from the training stage's log."""
+    fit = next((re.search(r"fit took ([0-9.]+)s", line) for line in LAST_LOG if "fit took" in line), None)
+    device = next((line.split(": ", 2)[-1] for line in LAST_LOG if "training on" in line), "?")
+    if not fit:
+        return ""
+    return f"fit {units / float(fit[1]):,.0f} examples/s ({device})"
+
+
+def bench(
+    rows: int,
+    work: str,
+    epochs: int,
+    train_args: list[str] | None = None,
+    only: set[str] | None = None,
+) -> list[dict]:
     data = os.path.join(work, f"ml-synthetic-{rows}")
     if not os.path.isfile(os.path.join(data, "ratings.csv")):
         started = time.perf_counter()
@@ -113,7 +139,8 @@ def bench(rows: int, work: str, epochs: int) -> list[dict]:
     stages = [
         ("ingest", ["ingest", "--data-dir", data, "--ratings-output", a["r"], "--movies-output", a["m"]], rows),
         ("preprocess", ["preprocess", "--ratings", a["r"], "--output", a["e"]], rows),
-        ("train", ["train", "--examples", a["e"], "--output", a["model"], "--epochs", str(epochs)], None),
+        ("train", ["train", "--examples", a["e"], "--output", a["model"], "--epochs", str(epochs),
+                   *(train_args or [])], None),
         ("evaluate", ["evaluate", "--model", a["model"], "--examples", a["e"], "--output", a["eval"],
                       "--max-rmse", "1", "--min-hit-rate", "0", "--require-beat-baselines", "false"], None),
         ("infra-validate", ["infra-validate", "--model", a["model"], "--output", a["infra"]], None),
@@ -122,13 +149,18 @@ def bench(rows: int, work: str, epochs: int) -> list[dict]:
     ]  # fmt: skip
     out = []
     for name, args, units in stages:
+        if only and name not in only:
+            continue
         seconds, peak, status = run_stage(args)
+        note = ""
         if name == "train" and not status:
             units = _train_rows(a["e"]) * epochs
+            note = _fit_line(units)
         out.append(
             {
                 "rows": rows, "stage": name, "seconds": seconds, "peak_gb": peak,
                 "per_second": (units / seconds) if units else None, "ok": status == 0,
+                "note": note,
             }
         )  # fmt: skip
         print(_row(out[-1]), file=sys.stderr, flush=True)
@@ -148,7 +180,7 @@ def _row(r: dict) -> str:
     rate = f"{r['per_second']:,.0f}" if r["per_second"] else "—"
     return (
         f"| {r['rows']:,} | {r['stage']} | {r['seconds']:.1f} | {rate} | {r['peak_gb']:.2f} | "
-        f"{TARGETS.get(r['stage'], '')} | {'ok' if r['ok'] else 'FAILED'} |"
+        f"{TARGETS.get(r['stage'], '')} | {'ok' if r['ok'] else 'FAILED'} {r.get('note', '')} |"
     )
 
 
@@ -156,11 +188,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1000000", help="comma-separated sizes")
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument(
+        "--train-args",
+        default="",
+        help='extra `mtrec train` flags, e.g. "--batch-size 4096 --sampled-negatives 512"',
+    )
     parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "mtrec-scale"))
+    parser.add_argument(
+        "--stages", default="", help="comma-separated stages to run (default: all), e.g. train"
+    )
     args = parser.parse_args()
+    only = set(args.stages.split(",")) if args.stages else None
     results = []
     for rows in (int(r) for r in args.rows.split(",")):
-        results += bench(rows, args.work_dir, args.epochs)
+        results += bench(rows, args.work_dir, args.epochs, args.train_args.split(), only)
     print("| rows | stage | seconds | rows/s (train: examples/s) | peak RSS GB | target | status |")
     print("|---|---|---|---|---|---|---|")
     for r in results:

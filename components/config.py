@@ -81,6 +81,31 @@ class _Section:
 
 
 @dataclass(frozen=True)
+class IngestionConfig(_Section):
+    """Your own interaction logs (instead of a MovieLens folder): a CSV file with a header, or
+    Parquet; columns named by the fields below. Without the rating column the model learns
+    retrieval only (implicit feedback); without the timestamp column every row gets time 0."""
+
+    interactions: str = ""  # CSV or Parquet file (local, s3:// or gs://)
+    items: str = ""  # optional catalogue (CSV or Parquet: item column and `title`)
+    user_column: str = "user_id"
+    item_column: str = "item_id"
+    rating_column: str = "rating"
+    timestamp_column: str = "timestamp"
+    # Without --data-dir or --interactions: the tensorflow-datasets MovieLens size (online).
+    tfds_name: str = "movielens/100k-ratings"
+
+    def validate(self) -> None:
+        names = (self.user_column, self.item_column, self.rating_column, self.timestamp_column)
+        if any(not name for name in names):
+            raise ConfigError("ingestion column names must not be empty")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"ingestion columns must be distinct, got {list(names)}")
+        if self.items and not self.interactions:
+            raise ConfigError("items: a catalogue goes with --interactions")
+
+
+@dataclass(frozen=True)
 class PreprocessingConfig(_Section):
     """Beam preprocessing: split and bad-row policy."""
 
@@ -93,6 +118,9 @@ class PreprocessingConfig(_Section):
     validation_fraction: float = 0.1
     split_seed: int = 42
     max_invalid_share: float = 0.0  # fail when more than this share of rows is malformed
+    # Ids with fewer training ratings share the out-of-vocabulary row (index 0).
+    min_user_count: int = 1
+    min_item_count: int = 1
     runner: str = "DirectRunner"  # Prism downloads a binary at run time: name the runner
 
     def validate(self) -> None:
@@ -108,6 +136,9 @@ class PreprocessingConfig(_Section):
             )
         if not 0.0 <= self.max_invalid_share <= 1.0:
             raise ConfigError(f"max_invalid_share must be in [0, 1], got {self.max_invalid_share}")
+        for name in ("min_user_count", "min_item_count"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 RETRIEVAL_NEGATIVES = ("in-batch", "mixed", "full")
@@ -298,6 +329,7 @@ class PipelineConfig:
     # After blessing, refit on train + validation + test with the same settings and push that
     # model (the blessing keeps the evaluated model's figures).
     refit_on_all: bool = False
+    ingestion: IngestionConfig = field(default_factory=IngestionConfig)
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     gates: GateConfig = field(default_factory=GateConfig)

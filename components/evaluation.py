@@ -38,6 +38,7 @@ from components.examples import load_columns, load_stats
 from components.gates import Gate, all_passed, build_gates
 from components.layout import latest_version_path
 from components.saved_model import ServedModel, read_history, read_metadata
+from components.vocabulary import load_vocabularies
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,22 @@ class Split:
     movies: np.ndarray
     ratings: np.ndarray
     stars: np.ndarray
-    stars_per_unit: float = F.DEFAULT_STARS_RANGE[1] - F.DEFAULT_STARS_RANGE[0]
+    stars_range: tuple[float, float] = F.DEFAULT_STARS_RANGE
+
+    @property
+    def stars_per_unit(self) -> float:
+        return self.stars_range[1] - self.stars_range[0]
+
+    @property
+    def hit_stars(self) -> float:
+        """A "hit" is a top-of-scale rating (5 stars on MovieLens; any implicit positive)."""
+        return self.stars_range[1]
+
+    @property
+    def relevant_stars(self) -> float:
+        """Relevant for recall and NDCG: the top quarter of the scale (>= 4 of 1..5 stars)."""
+        low, high = self.stars_range
+        return low + 0.75 * (high - low)
 
     @classmethod
     def load_optional(cls, examples_dir: str, split: str) -> "Split":
@@ -69,7 +85,7 @@ class Split:
     def load(cls, examples_dir: str, split: str) -> "Split":
         c = load_columns(examples_dir, split)
         low, high = load_stats(examples_dir).get("stars_range", F.DEFAULT_STARS_RANGE)
-        return cls(c[F.USER_ID], c[F.MOVIE_ID], c[F.RATING], c[F.STARS], high - low)
+        return cls(c[F.USER_ID], c[F.MOVIE_ID], c[F.RATING], c[F.STARS], (low, high))
 
     def movies_by_user(self) -> dict[int, np.ndarray]:
         order = np.argsort(self.users, kind="stable")
@@ -125,10 +141,10 @@ def table_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 def topk_metrics(top_ids: np.ndarray, test: Split, k: int = K) -> dict[str, float]:
     return {
         f"hit@{k}": float(
-            M.hit_rate_curve(top_ids, test.users, test.movies, test.stars, 5.0, k)[-1]
+            M.hit_rate_curve(top_ids, test.users, test.movies, test.stars, test.hit_stars, k)[-1]
         ),
-        f"recall@{k}": M.recall_at_k(top_ids, test.users, test.movies, test.stars, k, 4.0),
-        f"ndcg@{k}": M.ndcg_at_k(top_ids, test.users, test.movies, test.stars, k, 4.0),
+        f"recall@{k}": M.recall_at_k(top_ids, test.users, test.movies, test.stars, k, test.relevant_stars),
+        f"ndcg@{k}": M.ndcg_at_k(top_ids, test.users, test.movies, test.stars, k, test.relevant_stars),
     }
 
 
@@ -151,10 +167,11 @@ def score_served_model(model: ServedModel, seen: Split, test: Split, train: Spli
     """A SavedModel through its signatures: top-k (the `seen` pairs skipped), the seed's metric
     (nothing skipped), RMSE.
 
-    Test users the model does not know (a previous model trained on fewer users) get no
-    recommendations, and their ratings the training mean: they count as misses."""
+    Test users outside the examples' vocabulary (index 0: cold start) are left out of the
+    top-k metrics; ratings of unknown users or movies get the training mean. Implicit-feedback
+    models (no `rank` signature) have no RMSE."""
     users = np.unique(test.users)
-    known = users[users < model.num_users]
+    known = users[users > 0]
     by_user = seen.movies_by_user()
     empty = np.zeros(0, dtype=np.int32)
     reporter = progress.Reporter("users", 2 * len(known))
@@ -169,13 +186,14 @@ def score_served_model(model: ServedModel, seen: Split, test: Split, train: Spli
     k = min(K, model.k)
     metrics = topk_metrics(top, test, k)
     metrics["seed_hit@10"] = float(
-        M.hit_rate_curve(top_with_seen, test.users, test.movies, test.stars, 5.0, k)[-1]
+        M.hit_rate_curve(top_with_seen, test.users, test.movies, test.stars, test.hit_stars, k)[-1]
     )
-    predicted = np.full(len(test.users), float(np.mean(train.ratings)), dtype=np.float32)
-    scorable = (test.users < model.num_users) & (test.movies < model.num_movies)
-    predicted[scorable] = model.predict_rating(test.users[scorable], test.movies[scorable])
-    metrics.update(rating_metrics(predicted, test))
-    curve = M.hit_rate_curve(top, test.users, test.movies, test.stars, 5.0, model.k)
+    if model.rates:
+        predicted = np.full(len(test.users), float(np.mean(train.ratings)), dtype=np.float32)
+        scorable = (test.users > 0) & (test.movies > 0)
+        predicted[scorable] = model.predict_rating(test.users[scorable], test.movies[scorable])
+        metrics.update(rating_metrics(predicted, test))
+    curve = M.hit_rate_curve(top, test.users, test.movies, test.stars, test.hit_stars, model.k)
     return Scored(metrics, top, curve)
 
 
@@ -200,7 +218,7 @@ def fit_ease(
 
 
 def evaluate_baselines(
-    train: Split, validation: Split, test: Split, num_rows: int
+    train: Split, validation: Split, test: Split, num_rows: int, explicit: bool = True
 ) -> tuple[dict[str, Scored | dict[str, float]], list[str]]:
     """Baselines on the same split: popularity and EASE (top-k, the train and validation pairs
     skipped, as for the model), global mean and user+item bias (RMSE). Also returns notes for
@@ -212,10 +230,10 @@ def evaluate_baselines(
     popular_metrics = topk_metrics(popular, test)
     popular_with_seen = popularity_top_k(train.users, train.movies, num_rows, K, exclude_seen=False)
     popular_metrics["seed_hit@10"] = float(
-        M.hit_rate_curve(popular_with_seen, test.users, test.movies, test.stars, 5.0, K)[-1]
+        M.hit_rate_curve(popular_with_seen, test.users, test.movies, test.stars, test.hit_stars, K)[-1]
     )
-    curve = M.hit_rate_curve(popular, test.users, test.movies, test.stars, 5.0, K)
-    bias = BiasModel().fit(train.users, train.movies, train.ratings)
+    curve = M.hit_rate_curve(popular, test.users, test.movies, test.stars, test.hit_stars, K)
+    bias = BiasModel().fit(train.users, train.movies, train.ratings) if explicit else None
     out: dict[str, Scored | dict[str, float]] = {"popularity": Scored(popular_metrics, popular, curve)}
     num_items = int(max(train.movies.max(initial=0), test.movies.max(initial=0))) + 1
     ease, note = fit_ease(train, validation, num_rows, num_items)
@@ -223,17 +241,32 @@ def evaluate_baselines(
         top = ease.top_k(K, validation.users, validation.movies)
         metrics = topk_metrics(top, test)
         out["EASE"] = Scored(
-            metrics, top, M.hit_rate_curve(top, test.users, test.movies, test.stars, 5.0, K)
+            metrics, top, M.hit_rate_curve(top, test.users, test.movies, test.stars, test.hit_stars, K)
         )
-    out["global mean"] = rating_metrics(global_mean_predict(train.ratings, len(test.ratings)), test)
-    out["user+item bias"] = rating_metrics(bias.predict(test.users, test.movies), test)
+    if explicit:
+        out["global mean"] = rating_metrics(
+            global_mean_predict(train.ratings, len(test.ratings)), test
+        )
+        out["user+item bias"] = rating_metrics(bias.predict(test.users, test.movies), test)
     return out, [note]
+
+
+def cold_start_notes(test: Split) -> list[str]:
+    """How many test ratings fall outside the vocabularies (learned on train)."""
+    users, movies = int((test.users == 0).sum()), int((test.movies == 0).sum())
+    if not users and not movies:
+        return []
+    return [
+        f"{users} test rating(s) of users and {movies} of movies outside the training "
+        "vocabularies: unknown users are left out of the top-k metrics (the served model gives "
+        "them the most popular movies, flagged cold_start); unknown movies count as misses"
+    ]
 
 
 def concat_splits(*splits: Split) -> Split:
     return Split(
         *(np.concatenate([getattr(s, name) for s in splits]) for name in ("users", "movies", "ratings", "stars")),
-        splits[0].stars_per_unit,
+        splits[0].stars_range,
     )
 
 
@@ -265,8 +298,9 @@ def sliced_tables(
         rows = []
         for system, top in systems.items():
             by_bucket = M.sliced_topk_metrics(
-                top, test.users, test.movies, test.stars, row_slice, labels, K
-            )
+                top, test.users, test.movies, test.stars, row_slice, labels, K,
+                test.hit_stars, test.relevant_stars,
+            )  # fmt: skip
             for label, values in by_bucket.items():
                 counts = {k: int(v) for k, v in values.items() if k == "rows"}
                 rows.append({"system": system, "bucket": label, **values, **counts})
@@ -281,30 +315,39 @@ def evaluate(
     previous_model_path: str | None = None,
 ) -> EvaluationResult:
     """Everything the stage computes, as a plain result object (no files written)."""
+    stats = load_stats(examples_dir)
+    vocabularies = load_vocabularies(examples_dir, stats)
     train = Split.load(examples_dir, F.TRAIN_SPLIT)
     validation = Split.load_optional(examples_dir, F.VALIDATION_SPLIT)
     test = Split.load(examples_dir, F.TEST_SPLIT)
     seen = concat_splits(train, validation)  # every pair outside the test split is skipped
-    candidate = ServedModel(model_dir)
+    candidate = ServedModel(model_dir, vocabularies)
     model = score_served_model(candidate, seen, test, train)
-    num_rows = max(candidate.num_users, int(test.users.max(initial=0)) + 1)
-    baselines, notes = evaluate_baselines(train, validation, test, num_rows)
+    num_rows = max(vocabularies.users.rows, int(test.users.max(initial=0)) + 1)
+    explicit = bool(stats.get("explicit", True))
+    baselines, notes = evaluate_baselines(train, validation, test, num_rows, explicit)
+    notes += cold_start_notes(test)
     ranked = {"model": model, **{k: v for k, v in baselines.items() if isinstance(v, Scored)}}
     for scored in ranked.values():
         scored.metrics.update(beyond_accuracy(scored.top, test, train))
     previous = None
     if previous_model_path:
         log.info("comparing with the previously blessed model %s", previous_model_path)
-        with (
-            tempfile.TemporaryDirectory(prefix="mtrec-previous-") as workdir,
-            storage.local_copy(previous_model_path, workdir) as local,
-        ):
-            previous_metrics = score_served_model(ServedModel(local), seen, test, train).metrics
-        previous = {
-            "version": int(storage.basename(previous_model_path)),
-            "path": previous_model_path,
-            "metrics": previous_metrics,
-        }
+        try:
+            with (
+                tempfile.TemporaryDirectory(prefix="mtrec-previous-") as workdir,
+                storage.local_copy(previous_model_path, workdir) as local,
+            ):
+                previous_model = ServedModel(local, vocabularies)
+                previous_metrics = score_served_model(previous_model, seen, test, train).metrics
+        except DataError as err:  # another data set's model: nothing to compare with
+            notes.append(f"previous model not compared: {err}")
+        else:
+            previous = {
+                "version": int(storage.basename(previous_model_path)),
+                "path": previous_model_path,
+                "metrics": previous_metrics,
+            }
     baseline_metrics = {
         name: value.metrics if isinstance(value, Scored) else value
         for name, value in baselines.items()
@@ -371,6 +414,7 @@ def run_evaluation(
             "rows": stats["rows"],
             "users": stats["users"],
             "movies": stats["movies"],
+            "vocabulary (users, movies)": vocabulary_description(stats),
             "dead letters": stats["invalid_rows"],
             "split": split_description(stats),
         },
@@ -394,6 +438,18 @@ def run_evaluation(
             gate.threshold,
         )
     return result
+
+
+def vocabulary_description(stats: dict[str, Any]) -> str:
+    """Vocabulary sizes, id kinds and the rows of rare or unseen ids, for the report."""
+    vocab = stats["vocabulary"]
+    kinds = vocab["id_kinds"]
+    oov = sum(vocab["oov_user_rows"].values()) + sum(vocab["oov_movie_rows"].values())
+    return (
+        f"{vocab['users']:,} ({kinds['user']}), {vocab['movies']:,} ({kinds['movie']}); "
+        f"min counts {vocab['min_user_count']}/{vocab['min_item_count']}; "
+        f"{oov:,} rating(s) with an id outside them"
+    )
 
 
 def split_description(stats: dict[str, Any]) -> str:

@@ -67,6 +67,63 @@ def encode_example(values: dict[str, Any]) -> bytes:
     return b"\x0a" + _varint(len(features)) + features
 
 
+def _varints(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """([n, 10] uint8 varint bytes, [n] lengths) of int64 values, as protobuf writes them
+    (negative values as their 64-bit two's complement: ten bytes)."""
+    v = np.asarray(values, dtype=np.int64).view(np.uint64)
+    lengths = np.ones(len(v), dtype=np.int64)
+    for k in range(1, 10):
+        lengths += v >= np.uint64(1 << (7 * k))
+    out = np.zeros((len(v), 10), dtype=np.uint8)
+    for j in range(int(lengths.max(initial=1))):
+        byte = (v >> np.uint64(7 * j)) & np.uint64(0x7F)
+        more = (j < lengths - 1).astype(np.uint64) << np.uint64(7)
+        out[:, j] = (byte | more).astype(np.uint8)
+    return out, lengths
+
+
+def encode_examples(columns: dict[str, np.ndarray]) -> list[bytes]:
+    """The `encode_example` bytes of many rows at once, built with numpy (the preprocessing hot
+    path). Rows are grouped by the byte lengths of their varints: inside a group every row has
+    the same layout, so it is one horizontal stack of fixed-width byte columns. The rows come
+    out grouped (a TFRecord split is a bag of examples; the order carries nothing)."""
+    names = list(columns)
+    n = len(columns[names[0]])
+    ints = [name for name in names if SCHEMA[name] == "int"]
+    varints = {name: _varints(columns[name]) for name in ints}
+    floats = {
+        name: np.asarray(columns[name], dtype="<f4").view(np.uint8).reshape(n, 4)
+        for name in names
+        if SCHEMA[name] != "int"
+    }
+    shape = np.zeros(n, dtype=np.int64)  # one key per combination of varint lengths
+    for name in ints:
+        shape = shape * 11 + varints[name][1]
+    out: list[bytes] = []
+    for key in np.unique(shape):
+        rows = np.flatnonzero(shape == key)
+        parts: list[np.ndarray] = []
+        size = 0
+        for name in names:
+            if name in varints:
+                length = int(varints[name][1][rows[0]])
+                feature = bytes((0x1A, length + 2, 0x0A, length))
+                value = varints[name][0][rows, :length]
+            else:
+                feature = b"\x12\x06\x0a\x04"
+                value = floats[name][rows]
+            head = _KEYS[name] + b"\x12" + bytes((len(feature) + value.shape[1],)) + feature
+            entry = b"\x0a" + bytes((len(head) + value.shape[1],)) + head
+            parts += [np.broadcast_to(np.frombuffer(entry, np.uint8), (len(rows), len(entry))), value]
+            size += len(entry) + value.shape[1]
+        prefix = np.frombuffer(b"\x0a" + _varint(size), np.uint8)
+        matrix = np.hstack([np.broadcast_to(prefix, (len(rows), len(prefix))), *parts])
+        width = matrix.shape[1]
+        flat = np.ascontiguousarray(matrix).tobytes()
+        out += [flat[i : i + width] for i in range(0, len(flat), width)]
+    return out
+
+
 # --- reader ---
 
 

@@ -14,7 +14,7 @@ TIMESTAMP = "timestamp"
 # in the data, preprocessing normalises by it, and the model's `stars` outputs undo it.
 DEFAULT_STARS_RANGE = (1.0, 5.0)
 
-# Movie id 0 is the padding row of the embedding table: never a movie.
+# Index 0 of the user and movie tables is the out-of-vocabulary row: never a candidate.
 PADDING_ID = 0
 
 # Files inside artifacts.
@@ -45,11 +45,12 @@ SIGNATURE_RANK = "rank"  # (user_id, movie_id) -> rating in [0, 1], stars in [1,
 SIGNATURE_RETRIEVE_K = "retrieve_k"  # user_id + scalar k -> top-k, rated movies excluded
 K = "k"  # scalar int32 input of retrieve_k: how many movies per user
 MAX_REQUEST_K = 100  # largest k a request may ask of retrieve_k
-EXCLUDED_MOVIE_IDS = "excluded_movie_ids"  # [batch, n] int32, padded with 0
+EXCLUDED_MOVIE_IDS = "excluded_movie_ids"  # [batch, n] raw ids, padded with -1 or ""
 OUT_MOVIE_IDS = "movie_ids"
 OUT_SCORES = "scores"
 OUT_RATING = "rating"
 OUT_STARS = "stars"
+OUT_COLD_START = "cold_start"  # per row of the retrieval signatures: the user is unknown
 
 
 def normalise_stars(stars: float, stars_range: tuple[float, float] = DEFAULT_STARS_RANGE) -> float:

@@ -48,13 +48,17 @@ def build_gates(
     previous: dict[str, Any] | None,
     config: GateConfig,
 ) -> list[Gate]:
-    hit, rmse = metrics["hit@10"], metrics["rmse"]
-    gates = [
-        Gate("rmse", rmse, config.max_rmse, "<=", "RMSE (normalised) at most max_rmse"),
+    """The gates for a candidate. A model without ratings (implicit feedback: no RMSE) has no
+    RMSE gates."""
+    hit, rmse = metrics["hit@10"], metrics.get("rmse")
+    gates = []
+    if rmse is not None:
+        gates.append(Gate("rmse", rmse, config.max_rmse, "<=", "RMSE (normalised) at most max_rmse"))
+    gates.append(
         Gate(
             "hit@10", hit, config.min_hit_rate, ">=", "hit@10 (seen excluded) at least min_hit_rate"
-        ),
-    ]
+        )
+    )
     if config.require_beat_baselines:
         gates.append(
             Gate(
@@ -65,6 +69,7 @@ def build_gates(
                 "beats popularity's hit@10 by baseline_hit_rate_margin",
             )
         )
+    if config.require_beat_baselines and rmse is not None and "user+item bias" in baselines:
         gates.append(
             Gate(
                 "rmse vs user+item bias",
@@ -84,7 +89,7 @@ def build_gates(
                 "beats EASE's hit@10 (lambda chosen on validation) by ease_hit_rate_margin",
             )
         )
-    if previous:
+    if previous and rmse is not None and "rmse" in previous["metrics"]:
         version = previous["version"]
         gates.append(
             Gate(
@@ -95,6 +100,8 @@ def build_gates(
                 "no worse than the previously blessed model by more than max_regression_rmse",
             )
         )
+    if previous:
+        version = previous["version"]
         gates.append(
             Gate(
                 f"hit@10 vs blessed v{version}",

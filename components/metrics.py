@@ -229,6 +229,8 @@ def sliced_topk_metrics(
     row_slice: np.ndarray,
     labels: list[str] | tuple[str, ...],
     k: int = 10,
+    hit_stars: float = 5.0,
+    relevant_stars: float = 4.0,
 ) -> dict[str, dict[str, float]]:
     """hit@k (5-star rows), recall@k and NDCG@k (>= 4 stars) restricted to the test rows of each
     slice; `row_slice[i]` is the slice index of test row i (e.g. its user's activity bucket, or
@@ -240,9 +242,9 @@ def sliced_topk_metrics(
         keep = row_slice == index
         u, m, s = users[keep], movies[keep], stars[keep]
         out[label] = {
-            f"hit@{k}": float(hit_rate_curve(top_ids, u, m, s, 5.0, k)[-1]),
-            f"recall@{k}": recall_at_k(top_ids, u, m, s, k, 4.0),
-            f"ndcg@{k}": ndcg_at_k(top_ids, u, m, s, k, 4.0),
+            f"hit@{k}": float(hit_rate_curve(top_ids, u, m, s, hit_stars, k)[-1]),
+            f"recall@{k}": recall_at_k(top_ids, u, m, s, k, relevant_stars),
+            f"ndcg@{k}": ndcg_at_k(top_ids, u, m, s, k, relevant_stars),
             "rows": float(keep.sum()),
         }
     return out

@@ -420,11 +420,14 @@ class Recommender(keras.Model):
         k: int | None = None,
         seen: "SeenMovies | None" = None,
         excluded_movie_ids=None,
+        cold=None,
     ):
         """Top-k (scores, movie ids) per user, skipping the movies in `seen` and/or
         `excluded_movie_ids` when given. With `rerank_pool`, retrieve-then-rank: the first
         `rerank_pool` retrieved movies are re-ordered by retrieval logit + `rerank_rating_weight`
-        x predicted rating (the returned scores), the rest keep retrieval's order."""
+        x predicted rating (the returned scores), the rest keep retrieval's order. Rows where
+        `cold` is True (users the model does not know) get the most popular training movies,
+        scored by their share of training ratings, with the same exclusions."""
         query = self._user_vector(user_ids)
         excluded = None
         if seen is not None:
@@ -433,13 +436,33 @@ class Recommender(keras.Model):
             extra = self.ids_mask(excluded_movie_ids)
             excluded = extra if excluded is None else excluded | extra
         pool = self.config.rerank_pool
-        if not pool:
-            return self.retrieval(query, excluded=excluded, k=k)
         k = k or self.config.top_k
-        n = min(max(k, pool), len(self.candidate_ids))
-        scores, ids = self.retrieval(query, excluded=excluded, k=n)
-        scores, ids = self._rerank(user_ids, scores, ids, min(pool, n))
-        return scores[:, :k], ids[:, :k]
+        if not pool:
+            scores, ids = self.retrieval(query, excluded=excluded, k=k)
+        else:
+            n = min(max(k, pool), len(self.candidate_ids))
+            scores, ids = self.retrieval(query, excluded=excluded, k=n)
+            scores, ids = self._rerank(user_ids, scores, ids, min(pool, n))
+            scores, ids = scores[:, :k], ids[:, :k]
+        if cold is None:
+            return scores, ids
+        popular_scores, popular_ids = self.popular(tf.shape(user_ids)[0], excluded, k)
+        cold = tf.reshape(tf.cast(cold, tf.bool), [-1, 1])
+        return tf.where(cold, popular_scores, scores), tf.where(cold, popular_ids, ids)
+
+    def popular(self, batch, excluded, k: int):
+        """Top-k candidates by share of training ratings (the cold-start answer)."""
+        share = tf.gather(self._sampling_probability, self._candidates)
+        scores = tf.tile(share[None, :], tf.stack([batch, 1]))
+        if excluded is not None:
+            scores = tf.where(excluded, EXCLUDED_SCORE, scores)
+        top_scores, top_index = tf.math.top_k(scores, k=k)
+        top_ids = tf.gather(self._candidates, top_index)
+        missing = top_scores <= EXCLUDED_SCORE / 2
+        return (
+            tf.where(missing, float("-inf"), top_scores),
+            tf.where(missing, NO_MOVIE, top_ids),
+        )
 
     def _rerank(self, user_ids, scores, ids, pool: int):
         """Re-order the first `pool` of each row by logit + weight x predicted rating: the

@@ -1,49 +1,74 @@
-"""Stage 2, preprocessing (Apache Beam): parse, normalise, split, write TFRecords.
+"""Stage 2, preprocessing (Apache Beam): parse, normalise, split, build vocabularies, write
+TFRecords.
 
-Rows travel in chunks (numpy columns of up to `CHUNK_ROWS` rows), not one element per row: the
-per-element cost of a Beam runner, not the parsing, is what made this stage slow. Every line is
-parsed with the ingestion stage's parser; malformed lines go to a dead-letter output (file, line
-number, reason) instead of being dropped. Valid rows are normalised to `(stars - 1) / 4` and
+Rows travel in chunks (numpy columns of a block of ~1 MB of lines), never one element per row:
+the per-element cost of a Beam runner, not the parsing, is what made this stage slow. A block is
+checked and converted at once (`ingestion.parse_block`); a block holding a malformed line is
+parsed line by line, and each malformed line goes to a dead-letter output (file, line number,
+reason) instead of being dropped. Valid rows are normalised over the data's rating range and
 split by a seeded 64-bit hash of (user, movie, timestamp): the `round(N * test_fraction)`
 smallest keys form the test split, the next `round((N - test) * validation_fraction)` the
 validation split (carved from train), the rest train -- deterministic whatever the runner, the
-chunking or the file order. Outputs: `tf.train.Example` TFRecords per split and `stats.json`.
+chunking or the file order. User and movie vocabularies are counted on the training split;
+Examples hold vocabulary indices. Outputs: `tf.train.Example` TFRecords per split,
+`vocabulary/`, `stats.json`.
 
-Runs on DirectRunner here; the same transforms run on Dataflow/Flink/Spark: standard Beam pipeline
-options pass straight through.
+The data is read three times, each read fused with its consumers (the key histogram; the rows at
+the split cuts and the training split's id counts; assignment, indexing and writing), so no
+PCollection of rows is ever materialised: memory is bounded by the vocabularies, not the rows.
+Runs on DirectRunner here; the same transforms run on Dataflow/Flink/Spark: standard Beam
+pipeline options pass straight through (`mtrec preprocess --beam-args ...`).
 """
 
+import hashlib
 import json
 import logging
 import os
+import shutil
+import struct
 import time
+import uuid
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
+import google_crc32c
 import numpy as np
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from components import features as F
 from components import progress
 from components.config import PreprocessingConfig
 from components.errors import DataError
-from components.examples import encode_example, load_stats
+from components.examples import TFRECORD_SUFFIX, encode_examples, load_stats
 from components.ingestion import (
     LAYOUTS,
     ML_100K,
     BadRow,
     Layout,
+    numbered_lines,
+    parse_block,
     parse_rating_line,
-    read_numbered_lines,
+    read_line_blocks,
     read_report,
 )
 from components.storage import PARTIAL_SUFFIX, atomic_output_dir
+from components.vocabulary import (
+    INT64,
+    MOVIES_FILE,
+    USERS_FILE,
+    VOCABULARY_DIR,
+    Vocabularies,
+    Vocabulary,
+    id_array,
+)
 
 log = logging.getLogger(__name__)
 
-CHUNK_ROWS = 20_000
+TEMP_DIR = ".writing"  # the shard writers' files before they are renamed into shards
 BUCKET_BITS = 16  # histogram resolution of the exact-count split
 KEY_BITS = 64
 DEAD_LETTER_TAG = "dead_letter"
@@ -64,6 +89,18 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+def id_hashes(ids: np.ndarray) -> np.ndarray:
+    """int64 ids as they are; string ids as a stable 64-bit hash of their UTF-8 bytes (hashed
+    once per distinct id of the chunk)."""
+    if ids.dtype != object:
+        return np.asarray(ids).astype(np.int64)
+    distinct, inverse = np.unique(ids, return_inverse=True)
+    digests = b"".join(
+        hashlib.blake2b(str(token).encode(), digest_size=8).digest() for token in distinct
+    )
+    return np.frombuffer(digests, dtype="<i8")[inverse.reshape(-1)]
+
+
 def split_keys(
     users: np.ndarray, movies: np.ndarray, timestamps: np.ndarray, seed: int
 ) -> np.ndarray:
@@ -71,7 +108,7 @@ def split_keys(
     with np.errstate(over="ignore"):
         key = _mix(np.full(len(users), seed & (2**64 - 1), dtype=np.uint64))
         for column in (users, movies, timestamps):
-            key = _mix(key ^ np.asarray(column).astype(np.int64).view(np.uint64))
+            key = _mix(key ^ id_hashes(np.asarray(column)).view(np.uint64))
     return key
 
 
@@ -126,39 +163,29 @@ def encode_rows(
     chunk: dict[str, np.ndarray],
     rows: np.ndarray,
     stars_range: tuple[float, float] = F.DEFAULT_STARS_RANGE,
-) -> Iterator[bytes]:
-    """tf.train.Example bytes of the selected rows of a chunk."""
-    users, movies, stars, times = (
-        chunk[name][rows].tolist() for name in ("users", "movies", "stars", "timestamps")
+) -> list[bytes]:
+    """tf.train.Example bytes of the selected rows of a chunk (ids already vocabulary
+    indices), encoded together (`examples.encode_examples`)."""
+    stars = chunk["stars"][rows]
+    return encode_examples(
+        {
+            F.USER_ID: chunk["users"][rows],
+            F.MOVIE_ID: chunk["movies"][rows],
+            F.RATING: F.normalise_stars(stars, stars_range),
+            F.STARS: stars,
+            F.TIMESTAMP: chunk["timestamps"][rows],
+        }
     )
-    for user, movie, star, timestamp in zip(users, movies, stars, times, strict=True):
-        yield encode_example(
-            {
-                F.USER_ID: user,
-                F.MOVIE_ID: movie,
-                F.RATING: F.normalise_stars(star, stars_range),
-                F.STARS: star,
-                F.TIMESTAMP: timestamp,
-            }
-        )
 
 
 # --- Beam transforms ---
 
 
-def read_chunks(
-    path: str, source: str, chunk_rows: int = CHUNK_ROWS
-) -> Iterator[tuple[str, list[tuple[int, str]]]]:
-    """(source, [(line number, line), ...]) chunks of a file; line numbers make dead letters
-    point at the original line."""
-    chunk: list[tuple[int, str]] = []
-    for number, line in read_numbered_lines(path):
-        chunk.append((number, line))
-        if len(chunk) >= chunk_rows:
-            yield source, chunk
-            chunk = []
-    if chunk:
-        yield source, chunk
+def read_blocks(path: str, source: str) -> Iterator[tuple[str, int, bytes]]:
+    """(source, number of the block's first line, whole lines as bytes) blocks of a file, so
+    dead letters point at the original line."""
+    for first, data in read_line_blocks(path):
+        yield source, first, data
 
 
 @dataclass(frozen=True)
@@ -170,23 +197,54 @@ class ParseSettings:
     split: str = SPLIT_RANDOM
     layout: Layout = ML_100K
     superseded: frozenset[int] = frozenset()
+    id_kinds: tuple[tuple[str, str], ...] = (("user", INT64), ("movie", INT64))
 
 
 class _ParseChunkFn(beam.DoFn):
-    """A chunk of lines -> one dict of numpy columns (valid rows) + dead letters (BadRow)."""
+    """A block of lines -> one dict of numpy columns (valid rows) + dead letters (BadRow).
+
+    Fast path: the whole block checked and converted at once (`ingestion.parse_block`); a block
+    with any bad or blank line is parsed line by line, so each bad line becomes a dead letter
+    naming its line."""
 
     def __init__(self, settings: ParseSettings):
         super().__init__()
         self._settings = settings
 
-    def process(self, element: tuple[str, list[tuple[int, str]]]) -> Iterable[Any]:
-        source, lines = element
+    def setup(self):
+        self._superseded = np.array(sorted(self._settings.superseded), dtype=np.int64)
+
+    def process(self, element: tuple[str, int, bytes]) -> Iterable[Any]:
+        source, first, data = element
+        settings = self._settings
+        kinds = dict(settings.id_kinds)
+        if settings.layout.header and first == 1:
+            newline = data.find(b"\n") + 1 or len(data)
+            data, first = data[newline:], 2
+        if data and not data.endswith(b"\n"):
+            data += b"\n"
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None  # the line-by-line path names the line
+        chunk = parse_block(text, settings.layout, kinds) if text is not None else None
+        if chunk is not None:
+            lines = np.arange(first, first + len(chunk["users"]), dtype=np.int64)
+            if self._superseded.size:
+                keep = ~np.isin(lines, self._superseded)
+                chunk = {name: values[keep] for name, values in chunk.items()}
+        else:
+            chunk = yield from self._parse_lines(source, first, data, kinds)
+        if chunk is not None and len(chunk["users"]):
+            yield self._with_keys(chunk)
+
+    def _parse_lines(self, source: str, first: int, data: bytes, kinds: dict[str, str]):
         settings = self._settings
         users, movies, stars, times = [], [], [], []
-        for number, line in lines:
-            if number in settings.superseded or (settings.layout.header and number == 1):
-                continue  # a duplicate the rule drops (counted by ingestion), or the header
-            parsed = parse_rating_line(line, source, number, settings.layout)
+        for number, line in numbered_lines(data, first, source):
+            if number in settings.superseded:
+                continue  # a duplicate the rule drops (counted by ingestion)
+            parsed = parse_rating_line(line, source, number, settings.layout, kinds)
             if isinstance(parsed, BadRow):
                 yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, parsed)
                 continue
@@ -194,25 +252,30 @@ class _ParseChunkFn(beam.DoFn):
             movies.append(parsed.movie_id)
             stars.append(parsed.stars)
             times.append(parsed.timestamp)
-        if users:
-            chunk = {
-                "users": np.asarray(users, dtype=np.int64),
-                "movies": np.asarray(movies, dtype=np.int64),
-                "stars": np.asarray(stars, dtype=np.float64),
-                "timestamps": np.asarray(times, dtype=np.int64),
-            }
-            chunk["keys"] = split_keys(
-                chunk["users"], chunk["movies"], chunk["timestamps"], settings.seed
-            )
-            if settings.split != SPLIT_RANDOM:
-                chunk["recency"] = recency_keys(chunk["timestamps"], chunk["keys"])
-            if settings.split == SPLIT_TEMPORAL:  # the newest rows get the smallest keys
-                chunk["keys"] = ~chunk["recency"]
-            yield chunk
+        if not users:
+            return None
+        return {
+            "users": id_array(users, kinds["user"]),
+            "movies": id_array(movies, kinds["movie"]),
+            "stars": np.asarray(stars, dtype=np.float64),
+            "timestamps": np.asarray(times, dtype=np.int64),
+        }
+
+    def _with_keys(self, chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        settings = self._settings
+        chunk["keys"] = split_keys(
+            chunk["users"], chunk["movies"], chunk["timestamps"], settings.seed
+        )
+        if settings.split != SPLIT_RANDOM:
+            chunk["recency"] = recency_keys(chunk["timestamps"], chunk["keys"])
+        if settings.split == SPLIT_TEMPORAL:  # the newest rows get the smallest keys
+            chunk["keys"] = ~chunk["recency"]
+        return chunk
 
 
 class ParseRatings(beam.PTransform):
-    """(source, [(line number, line)]) chunks -> column chunks, plus a `dead_letter` output."""
+    """(source, first line number, bytes) blocks -> column chunks, plus a `dead_letter`
+    output."""
 
     def __init__(self, settings: ParseSettings):
         super().__init__()
@@ -251,29 +314,25 @@ def _bucket_counts(chunk: dict[str, np.ndarray]) -> np.ndarray:
     return np.bincount(buckets, minlength=1 << BUCKET_BITS)
 
 
-def tagged_splits(chunk: dict[str, np.ndarray], codes: np.ndarray) -> Iterator[Any]:
-    """One tagged output per split a chunk's rows go to (codes as `assign_splits` returns)."""
-    for code, name in enumerate(SPLIT_ORDER):
-        rows = np.flatnonzero(codes == code)
-        if rows.size:
-            yield beam.pvalue.TaggedOutput(name, {c: chunk[c][rows] for c in _COLUMNS})
-
-
 class SplitRatings(beam.PTransform):
-    """Column chunks -> {split name: chunk}: exact split sizes chosen by the smallest seeded keys.
+    """Exact split sizes chosen by the smallest seeded keys, and the training split's id counts,
+    from two reads of the data (`{"first": chunks, "second": chunks}`), never holding the rows.
 
-    Two small global aggregations (a 65,536-bucket histogram, then the keys of the two buckets
-    holding the cuts) keep it exact without collecting the data set anywhere.
+    The first read builds a 65,536-bucket histogram of the keys: it tells the buckets holding the
+    two cuts. The second collects the keys of those two buckets (a few rows) to place the cuts
+    exactly, and counts the ids of the rows sure to be train (above the validation cut's bucket);
+    the rows of that bucket are settled once the cut is known. Outputs `thresholds` (for
+    `assign_splits`) and `train_counts` (for the vocabularies), both singletons.
     """
 
     def __init__(self, test_fraction: float, validation_fraction: float):
         super().__init__()
         self._fractions = (test_fraction, validation_fraction)
 
-    def expand(self, chunks):
+    def expand(self, reads):
         test_fraction, validation_fraction = self._fractions
         histogram = (
-            chunks
+            reads["first"]
             | "Buckets" >> beam.Map(_bucket_counts)
             | "Histogram" >> beam.CombineGlobally(_SumArrays(1 << BUCKET_BITS))
         )
@@ -284,18 +343,19 @@ class SplitRatings(beam.PTransform):
                 hist, [sizes[F.TEST_SPLIT], sizes[F.TEST_SPLIT] + sizes[F.VALIDATION_SPLIT]]
             )
 
-        cuts = histogram | "FindBuckets" >> beam.Map(cuts_of)
+        cuts = beam.pvalue.AsSingleton(histogram | "FindBuckets" >> beam.Map(cuts_of))
         shift = np.uint64(KEY_BITS - BUCKET_BITS)
 
-        def keys_in_cut_buckets(chunk, cuts):
-            # One uint64 array per chunk: keys above 2**63 do not fit Beam's integer coder.
+        def boundary_rows(chunk, cuts):
+            """The rows of the cut buckets (keys, users, movies): a few per chunk. Keys ride
+            in uint64 arrays: above 2**63 they do not fit Beam's integer coder."""
             wanted = [np.uint64(bucket) for bucket, _ in cuts if bucket >= 0]
-            keys = chunk["keys"][np.isin(chunk["keys"] >> shift, wanted)]
-            if keys.size:
-                yield keys
+            rows = np.isin(chunk["keys"] >> shift, wanted)
+            if rows.any():
+                yield {name: chunk[name][rows] for name in ("keys", "users", "movies")}
 
-        def thresholds_of(arrays: list[np.ndarray], cuts) -> tuple:
-            keys = np.sort(np.concatenate(arrays)) if arrays else np.zeros(0, np.uint64)
+        def thresholds_of(parts: list[dict], cuts) -> tuple:
+            keys = np.sort(np.concatenate([p["keys"] for p in parts])) if parts else np.zeros(0, np.uint64)
             out = []
             for bucket, rank in cuts:
                 if bucket < 0:
@@ -305,21 +365,42 @@ class SplitRatings(beam.PTransform):
                 out.append(in_bucket[rank - 1])
             return tuple(out)
 
+        def surely_train(chunk, cuts):
+            bucket = cuts[1][0]  # the validation cut's (-1: no row below it, all are train)
+            if bucket < 0:
+                return chunk
+            return _rows(chunk, (chunk["keys"] >> shift) > np.uint64(bucket))
+
+        boundary = reads["second"] | "CutBucketRows" >> beam.FlatMap(boundary_rows, cuts)
         thresholds = (
-            chunks
-            | "CutBucketKeys"
-            >> beam.FlatMap(keys_in_cut_buckets, beam.pvalue.AsSingleton(cuts))
-            | "CollectCutKeys" >> beam.combiners.ToList()
-            | "Thresholds" >> beam.Map(thresholds_of, beam.pvalue.AsSingleton(cuts))
+            boundary
+            | "CollectCutRows" >> beam.combiners.ToList()
+            | "Thresholds" >> beam.Map(thresholds_of, cuts)
+        )
+        counts = (
+            reads["second"]
+            | "SurelyTrain" >> beam.Map(surely_train, cuts)
+            | "CountSurelyTrain" >> beam.CombineGlobally(_VocabularyCountsFn())
         )
 
-        def split_chunk(chunk, thresholds):
-            yield from tagged_splits(chunk, assign_splits(chunk["keys"], thresholds))
+        def add_boundary_train(counts, parts: list[dict], thresholds):
+            counts = (Counter(counts[0]), Counter(counts[1]))  # side values are not ours to change
+            if parts:
+                rows = {n: np.concatenate([p[n] for p in parts]) for n in ("keys", "users", "movies")}
+                train = assign_splits(rows["keys"], thresholds) == 2
+                _VocabularyCountsFn().add_input(counts, _rows(rows, train))
+            return counts
 
-        split = chunks | "Assign" >> beam.FlatMap(
-            split_chunk, beam.pvalue.AsSingleton(thresholds)
-        ).with_outputs(*SPLIT_ORDER)
-        return {name: split[name] for name in SPLIT_ORDER}
+        train_counts = counts | "CountBoundaryTrain" >> beam.Map(
+            add_boundary_train,
+            beam.pvalue.AsList(boundary),
+            beam.pvalue.AsSingleton(thresholds),
+        )
+        return {"thresholds": thresholds, "train_counts": train_counts}
+
+
+def _rows(chunk: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: values[rows] for name, values in chunk.items()}
 
 
 class _TopKeysFn(beam.CombineFn):
@@ -342,44 +423,56 @@ class _TopKeysFn(beam.CombineFn):
         return acc
 
 
-def newest_per_user(chunk: dict[str, np.ndarray], k: int) -> Iterator[tuple[int, np.ndarray]]:
+def newest_per_user(chunk: dict[str, np.ndarray], k: int) -> Iterator[tuple[Any, np.ndarray]]:
     """(user, up to k newest recency keys of that user in this chunk)."""
-    order = np.lexsort((chunk["recency"], chunk["users"]))
+    order = np.lexsort((chunk["recency"], id_hashes(chunk["users"])))
     users, recency = chunk["users"][order], chunk["recency"][order]
     ends = np.r_[np.flatnonzero(users[1:] != users[:-1]), len(users) - 1] + 1
     starts = np.r_[0, ends[:-1]]
     for start, end in zip(starts, ends, strict=True):
-        yield int(users[start]), recency[max(start, end - k) : end]
+        yield users[start].item() if users.dtype != object else users[start], recency[
+            max(start, end - k) : end
+        ]
+
+
+def last_k_codes(chunk: dict[str, np.ndarray], limits: dict, validation_fraction: float) -> np.ndarray:
+    """Split codes (as `assign_splits`) of a chunk under last-k: a user's k newest ratings
+    (recency >= the user's k-th newest) are test; a seeded share of the rest is validation."""
+    cut = np.uint64(min(int(validation_fraction * 2.0**64), 2**64 - 1))
+    users = chunk["users"].tolist()
+    kth = np.array([limits[u] for u in users], dtype=np.uint64)
+    return np.where(chunk["recency"] >= kth, 0, np.where(chunk["keys"] < cut, 1, 2)).astype(np.int8)
 
 
 class LastKSplit(beam.PTransform):
-    """Column chunks -> {split: chunk}: each user's k newest ratings are the test split; the
-    validation split is a seeded `validation_fraction` of the rest (by hash, not exact)."""
+    """Each user's k newest ratings are the test split; the validation split is a seeded
+    `validation_fraction` of the rest (by hash, not exact). From two reads, as `SplitRatings`:
+    `thresholds` is a PCollection of (user, k-th newest recency key) pairs (a dict side input
+    for `last_k_codes`), `train_counts` the training split's id counts."""
 
     def __init__(self, k: int, validation_fraction: float):
         super().__init__()
         self._k = k
         self._validation = validation_fraction
 
-    def expand(self, chunks):
+    def expand(self, reads):
         k, fraction = self._k, self._validation
         thresholds = (
-            chunks
+            reads["first"]
             | "NewestPerUser" >> beam.FlatMap(newest_per_user, k)
             | "TopKPerUser" >> beam.CombinePerKey(_TopKeysFn(k))
             | "KthNewest" >> beam.MapTuple(lambda user, keys: (user, keys.min()))
         )
-        cut = np.uint64(min(int(fraction * 2.0**64), 2**64 - 1))
 
-        def split_chunk(chunk, thresholds):
-            limits = np.array([thresholds[int(u)] for u in chunk["users"]], dtype=np.uint64)
-            codes = np.where(chunk["recency"] >= limits, 0, np.where(chunk["keys"] < cut, 1, 2))
-            yield from tagged_splits(chunk, codes)
+        def train_rows(chunk, limits):
+            return _rows(chunk, last_k_codes(chunk, limits, fraction) == 2)
 
-        split = chunks | "Assign" >> beam.FlatMap(
-            split_chunk, beam.pvalue.AsDict(thresholds)
-        ).with_outputs(*SPLIT_ORDER)
-        return {name: split[name] for name in SPLIT_ORDER}
+        train_counts = (
+            reads["second"]
+            | "TrainRows" >> beam.Map(train_rows, beam.pvalue.AsDict(thresholds))
+            | "CountTrain" >> beam.CombineGlobally(_VocabularyCountsFn())
+        )
+        return {"thresholds": thresholds, "train_counts": train_counts}
 
 
 class _IdStatsFn(beam.CombineFn):
@@ -402,12 +495,61 @@ class _IdStatsFn(beam.CombineFn):
 
     def extract_output(self, acc):
         users, movies = acc
-        return {
-            "users": len(users),
-            "movies": len(movies),
-            "max_user_id": max(users, default=0),
-            "max_movie_id": max(movies, default=0),
-        }
+        return {"users": len(users), "movies": len(movies)}
+
+
+class _VocabularyCountsFn(beam.CombineFn):
+    """Ratings per raw user and movie id of the training split: (Counter, Counter). Each chunk
+    is counted with numpy first, so the Python work is per distinct id of a chunk, and the
+    accumulators are bounded by the number of distinct ids, not rows."""
+
+    def create_accumulator(self):
+        return Counter(), Counter()
+
+    def add_input(self, acc, chunk):
+        for counter, column in zip(acc, (chunk["users"], chunk["movies"]), strict=True):
+            distinct, counts = np.unique(column, return_counts=True)
+            for token, count in zip(distinct.tolist(), counts.tolist(), strict=True):
+                counter[token] += count
+        return acc
+
+    def merge_accumulators(self, accs):
+        users, movies = Counter(), Counter()
+        for u, m in accs:
+            users.update(u)
+            movies.update(m)
+        return users, movies
+
+    def extract_output(self, acc):
+        return acc
+
+
+class _BuildVocabularies(beam.DoFn):
+    def __init__(self, id_kinds: dict[str, str], min_user_count: int, min_item_count: int):
+        super().__init__()
+        self._kinds = id_kinds
+        self._min_counts = (min_user_count, min_item_count)
+
+    def process(self, counts):
+        users, movies = counts
+        yield Vocabularies(
+            Vocabulary.from_counts(users, self._kinds["user"], self._min_counts[0]),
+            Vocabulary.from_counts(movies, self._kinds["movie"], self._min_counts[1]),
+        )
+
+
+def vocabulary_text(vocabulary: Vocabulary) -> str:
+    """A vocabulary file's content as one element (WriteToText adds the last newline): one
+    element keeps the lines in index order on any runner."""
+    return "\n".join(str(token) for token in vocabulary.tokens.tolist())
+
+
+def apply_vocabularies(chunk: dict[str, np.ndarray], vocab: Vocabularies) -> dict[str, np.ndarray]:
+    """A chunk with raw ids replaced by vocabulary indices (0: out of vocabulary)."""
+    out = dict(chunk)
+    out["users"] = vocab.users.lookup(chunk["users"])
+    out["movies"] = vocab.movies.lookup(chunk["movies"])
+    return out
 
 
 def _bad_row_json(bad: BadRow) -> str:
@@ -416,21 +558,102 @@ def _bad_row_json(bad: BadRow) -> str:
     )
 
 
-class _EncodeFn(beam.DoFn):
-    """Column chunk -> Example bytes, reporting rows written as progress."""
+OOV_TAG = "oov"
+_MASK_DELTA = 0xA282EAD8
 
-    def __init__(self, total_rows: int | None, stars_range: tuple[float, float]):
+
+def _masked_crc(data: bytes) -> bytes:
+    """TFRecord's masked CRC-32C of a record part."""
+    crc = google_crc32c.value(data)
+    return struct.pack("<I", (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF)
+
+
+def tfrecord_frames(records: list[bytes]) -> bytes:
+    """Records framed as a TFRecord file holds them: length, its CRC, data, the data's CRC.
+    Example lengths repeat, so each length header is computed once."""
+    headers: dict[int, bytes] = {}
+    out = []
+    for record in records:
+        header = headers.get(len(record))
+        if header is None:
+            length = struct.pack("<Q", len(record))
+            header = headers[len(record)] = length + _masked_crc(length)
+        out += (header, record, _masked_crc(record))
+    return b"".join(out)
+
+
+class _WriteExamplesFn(beam.DoFn):
+    """Column chunks -> split codes -> TFRecord files of Examples (vocabulary indices): per
+    bundle, one file per split.
+
+    A chunk is encoded and written as one piece, so no per-row element crosses Beam (that cost
+    ~10 us a row in DirectRunner). Outputs each finished file as (split, temporary path), renamed
+    into shards by `_finalize_shards`, and, tagged `oov`, per chunk and split the counts (rows,
+    rows of an unknown user, of an unknown movie). Paths go through Beam's FileSystems, so the
+    same code writes to gs:// on Dataflow."""
+
+    def __init__(
+        self,
+        temp_dir: str,
+        total_rows: int | None,
+        stars_range: tuple[float, float],
+        last_k_validation: float | None = None,
+    ):
         super().__init__()
+        self._temp_dir = temp_dir
         self._total = total_rows
         self._stars_range = stars_range
+        self._last_k_validation = last_k_validation  # None: exact thresholds, else last-k
 
     def setup(self):
         self._reporter = progress.Reporter("rows", self._total)
 
-    def process(self, chunk):
-        rows = np.arange(len(chunk["keys"]))
-        yield from encode_rows(chunk, rows, self._stars_range)
-        self._reporter.advance(len(rows))
+    def start_bundle(self):
+        self._files: dict[str, tuple[str, Any]] = {}
+
+    def process(self, chunk, vocab: Vocabularies, thresholds):
+        if self._last_k_validation is None:
+            codes = assign_splits(chunk["keys"], thresholds)
+        else:
+            codes = last_k_codes(chunk, thresholds, self._last_k_validation)
+        indexed = apply_vocabularies(chunk, vocab)
+        for code, split in enumerate(SPLIT_ORDER):
+            rows = np.flatnonzero(codes == code)
+            if not rows.size:
+                continue
+            if split not in self._files:
+                path = FileSystems.join(self._temp_dir, f"{split}-{uuid.uuid4().hex}")
+                self._files[split] = (path, FileSystems.create(path))
+            records = encode_rows(indexed, rows, self._stars_range)
+            self._files[split][1].write(tfrecord_frames(records))
+            counts = [rows.size, int((indexed["users"][rows] == 0).sum()), int((indexed["movies"][rows] == 0).sum())]
+            yield beam.pvalue.TaggedOutput(OOV_TAG, (split, np.array(counts, dtype=np.int64)))
+        self._reporter.advance(len(codes))
+
+    def finish_bundle(self):
+        for split, (path, handle) in self._files.items():
+            handle.close()
+            yield beam.utils.windowed_value.WindowedValue(
+                (split, path),
+                beam.utils.timestamp.MIN_TIMESTAMP,
+                [beam.transforms.window.GlobalWindow()],
+            )
+
+
+def _finalize_shards(files: list[tuple[str, str]], out_dir: str, split: str) -> int:
+    """Rename a split's temporary files to `<split>-NNNNN-of-MMMMM.tfrecord` (an empty shard
+    when the split holds no rows); returns the number of shards."""
+    paths = sorted(path for name, path in files if name == split)
+    if not paths:
+        empty = FileSystems.join(out_dir, f"{split}-00000-of-00001{TFRECORD_SUFFIX}")
+        FileSystems.create(empty).close()
+        return 1
+    targets = [
+        FileSystems.join(out_dir, f"{split}-{i:05d}-of-{len(paths):05d}{TFRECORD_SUFFIX}")
+        for i in range(len(paths))
+    ]
+    FileSystems.rename(paths, targets)
+    return len(paths)
 
 
 def build_pipeline(
@@ -448,38 +671,76 @@ def build_pipeline(
     layout = LAYOUTS[ingestion.get("layout", ML_100K.name)]
     stars_range = tuple(ingestion.get("stars_range", F.DEFAULT_STARS_RANGE))
     superseded = frozenset(ingestion.get("superseded_lines", ()))
+    id_kinds = dict(ingestion.get("id_kinds") or {"user": INT64, "movie": INT64})
     total_rows = (ingestion.get("ratings_rows") or 0) - len(superseded) or None
-    chunks = (
-        pipeline
-        | "Paths" >> beam.Create(ratings_paths)
-        | "ReadChunks" >> beam.FlatMap(lambda path: read_chunks(path, names.get(path, path)))
+    settings = ParseSettings(
+        config.split_seed, config.split, layout, superseded, tuple(sorted(id_kinds.items()))
     )
-    parsed = chunks | "ParseRatings" >> ParseRatings(
-        ParseSettings(config.split_seed, config.split, layout, superseded)
-    )
-    ratings, dead = parsed["ratings"], parsed[DEAD_LETTER_TAG]
-    if config.split == SPLIT_LAST_K:
-        splits = ratings | "Split" >> LastKSplit(config.last_k, config.validation_fraction)
-    else:
-        splits = ratings | "Split" >> SplitRatings(
-            config.test_fraction, config.validation_fraction
+
+    def read(label: str):
+        """A fresh read of the ratings. Each pass fuses read -> parse -> its consumers, so no
+        PCollection of rows is ever held (DirectRunner keeps in memory every PCollection a
+        later stage reads): memory is bounded by the vocabularies, not the rows."""
+        return (
+            pipeline
+            | f"{label}Paths" >> beam.Create(ratings_paths)
+            | f"{label}Read" >> beam.FlatMap(lambda path: read_blocks(path, names.get(path, path)))
+            | f"{label}Parse" >> ParseRatings(settings)
         )
 
-    counts = {}
-    for name, split in splits.items():
+    first, second, third = read("First"), read("Second"), read("Third")
+    reads = {"first": first["ratings"], "second": second["ratings"]}
+    if config.split == SPLIT_LAST_K:
+        split = reads | "Split" >> LastKSplit(config.last_k, config.validation_fraction)
+        thresholds = beam.pvalue.AsDict(split["thresholds"])
+        last_k_validation = config.validation_fraction
+    else:
+        split = reads | "Split" >> SplitRatings(config.test_fraction, config.validation_fraction)
+        thresholds = beam.pvalue.AsSingleton(split["thresholds"])
+        last_k_validation = None
+
+    # Vocabularies from the training split only (TFX's analyse-on-train), applied to every split.
+    vocabularies = split["train_counts"] | "Vocabularies" >> beam.ParDo(
+        _BuildVocabularies(id_kinds, config.min_user_count, config.min_item_count)
+    )
+    for role, attribute, file_name in (
+        ("Users", "users", USERS_FILE),
+        ("Movies", "movies", MOVIES_FILE),
+    ):
         (
-            split
-            | f"Encode{name}" >> beam.ParDo(_EncodeFn(total_rows, stars_range))
-            | f"Write{name}"
-            >> beam.io.WriteToTFRecord(
-                os.path.join(out_dir, name), file_name_suffix=".tfrecord"
+            vocabularies
+            | f"{role}VocabularyText"
+            >> beam.Map(lambda vocab, attribute=attribute: vocabulary_text(getattr(vocab, attribute)))
+            | f"Write{role}Vocabulary"
+            >> beam.io.WriteToText(
+                os.path.join(out_dir, VOCABULARY_DIR, file_name),
+                shard_name_template="",
+                num_shards=1,
             )
         )
-        counts[name] = (
-            split
-            | f"Rows{name}" >> beam.Map(lambda chunk: len(chunk["keys"]))
-            | f"Count{name}" >> beam.CombineGlobally(sum)
+
+    written = third["ratings"] | "WriteExamples" >> beam.ParDo(
+        _WriteExamplesFn(
+            FileSystems.join(out_dir, TEMP_DIR), total_rows, stars_range, last_k_validation
+        ),
+        beam.pvalue.AsSingleton(vocabularies),
+        thresholds,
+    ).with_outputs(OOV_TAG, main="files")
+    files = beam.pvalue.AsList(written.files)
+    counts = {}
+    for name in SPLIT_ORDER:
+        _ = (
+            pipeline
+            | f"{name}Split" >> beam.Create([name])
+            | f"Finalize{name}" >> beam.Map(lambda split, files: _finalize_shards(files, out_dir, split), files)
         )
+        counts[name] = (
+            written[OOV_TAG]
+            | f"Only{name}" >> beam.FlatMap(lambda item, name=name: [item[1]] if item[0] == name else [])
+            | f"Count{name}" >> beam.CombineGlobally(_SumArrays(3))
+        )
+    dead = third[DEAD_LETTER_TAG]
+    ratings = first["ratings"]
     (
         dead
         | "DeadLetterJson" >> beam.Map(_bad_row_json)
@@ -488,15 +749,16 @@ def build_pipeline(
             os.path.join(out_dir, F.DEAD_LETTER_PREFIX), file_name_suffix=".jsonl"
         )
     )
-    counts["invalid"] = dead | "CountInvalid" >> beam.combiners.Count.Globally()
+    invalid = dead | "CountInvalid" >> beam.combiners.Count.Globally()
     summary = ratings | "Stats" >> beam.CombineGlobally(_IdStatsFn())
 
-    def to_json(stats, train, validation, test, invalid):
-        rows = train + validation + test + invalid
+    def to_json(stats, vocab, train, validation, test, invalid):
+        by_split = {F.TRAIN_SPLIT: train, F.VALIDATION_SPLIT: validation, F.TEST_SPLIT: test}
+        rows = sum(int(c[0]) for c in by_split.values()) + invalid
         stats = dict(stats)
         stats.update(
             {
-                "rows": {F.TRAIN_SPLIT: train, F.VALIDATION_SPLIT: validation, F.TEST_SPLIT: test},
+                "rows": {name: int(c[0]) for name, c in by_split.items()},
                 "invalid_rows": invalid,
                 "invalid_share": invalid / rows if rows else 0.0,
                 "split": config.split,
@@ -507,6 +769,17 @@ def build_pipeline(
                 "stars_range": list(stars_range),
                 "superseded_rows": len(superseded),
                 "layout": layout.name,
+                "explicit": bool(ingestion.get("explicit", True)),
+                "vocabulary": {
+                    "users": vocab.users.size,
+                    "movies": vocab.movies.size,
+                    "id_kinds": id_kinds,
+                    "min_user_count": config.min_user_count,
+                    "min_item_count": config.min_item_count,
+                    # Rows whose user / movie is out of vocabulary (index 0), per split.
+                    "oov_user_rows": {name: int(c[1]) for name, c in by_split.items()},
+                    "oov_movie_rows": {name: int(c[2]) for name, c in by_split.items()},
+                },
             }
         )
         return json.dumps(stats, indent=2, sort_keys=True)
@@ -516,17 +789,19 @@ def build_pipeline(
         | "StatsJson"
         >> beam.Map(
             to_json,
+            beam.pvalue.AsSingleton(vocabularies),
             *(
                 beam.pvalue.AsSingleton(counts[name])
-                for name in (F.TRAIN_SPLIT, F.VALIDATION_SPLIT, F.TEST_SPLIT, "invalid")
+                for name in (F.TRAIN_SPLIT, F.VALIDATION_SPLIT, F.TEST_SPLIT)
             ),
+            beam.pvalue.AsSingleton(invalid),
         )
         | "WriteStats"
         >> beam.io.WriteToText(
             os.path.join(out_dir, F.STATS_FILE), shard_name_template="", num_shards=1
         )
     )
-    return splits, dead
+    return dead
 
 
 def read_dead_letters(out_dir: str, limit: int = MAX_REPORTED_PROBLEMS) -> list[str]:
@@ -559,6 +834,12 @@ def run_preprocessing(
     ratings_path = os.path.join(ratings_dir, F.RATINGS_FILE)
     if not os.path.isfile(ratings_path):
         raise DataError(f"{ratings_path}: not found (expected an ingestion output)")
+    ingestion = read_report(ratings_dir)
+    if config.split != SPLIT_RANDOM and not ingestion.get("has_timestamps", True):
+        raise DataError(
+            f"--split {config.split} orders ratings by time, and the interactions have no "
+            "timestamp column (use --split random, or pass --timestamp-column)"
+        )
     options = PipelineOptions([f"--runner={config.runner}", *(beam_args or [])])
     started = time.perf_counter()
     kept = os.path.join(out_dir, F.REJECTED_DIR)
@@ -572,9 +853,16 @@ def run_preprocessing(
                     staging,
                     config,
                     {ratings_path: source_name} if source_name else None,
-                    read_report(ratings_dir),
+                    ingestion,
                 )
+            shutil.rmtree(os.path.join(staging, TEMP_DIR), ignore_errors=True)  # emptied
             stats = load_stats(staging)
+            if not stats["vocabulary"]["users"] or not stats["vocabulary"]["movies"]:
+                raise DataError(
+                    f"{ratings_path}: the training split holds no user or movie seen at least "
+                    f"--min-user-count {config.min_user_count} / --min-item-count "
+                    f"{config.min_item_count} times: nothing to train on"
+                )
             stats["seconds"] = round(time.perf_counter() - started, 2)
             with open(os.path.join(staging, F.STATS_FILE), "w", encoding="utf-8") as handle:
                 json.dump(stats, handle, indent=2, sort_keys=True)

@@ -69,17 +69,27 @@ def user_features(lines: list[str], occupations: list[str], num_users: int) -> n
     return out
 
 
-def load_side_features(
-    data_dir: str, num_users: int, num_movies: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(user_features, movie_features) of an ml-100k folder (u.user, u.occupation, u.item)."""
+def load_side_features(data_dir: str, vocabularies) -> tuple[np.ndarray, np.ndarray]:
+    """(user_features, movie_features) of an ml-100k folder (u.user, u.occupation, u.item),
+    one row per vocabulary index (row 0, out of vocabulary: all zero)."""
 
     def read(name: str) -> list[str]:
         with open(os.path.join(data_dir, name), encoding=ENCODING) as handle:
             return handle.readlines()
 
     occupations = [line.strip() for line in read("u.occupation") if line.strip()]
-    return (
-        user_features(read("u.user"), occupations, num_users),
-        movie_features(read("u.item"), num_movies),
-    )
+    out = []
+    for table, vocabulary in (
+        (user_features(read("u.user"), occupations, _id_rows(read("u.user"))), vocabularies.users),
+        (movie_features(read("u.item"), _id_rows(read("u.item"))), vocabularies.movies),
+    ):
+        raw = vocabulary.raw(np.arange(vocabulary.rows))
+        rows = table[np.clip(raw, 0, len(table) - 1)]
+        rows[(raw <= 0) | (raw >= len(table))] = 0.0
+        out.append(rows)
+    return out[0], out[1]
+
+
+def _id_rows(lines: list[str]) -> int:
+    """Rows of a raw-id-indexed table: the largest id of a `|`-separated file, plus one."""
+    return max(int(line.split("|", 1)[0]) for line in lines if line.strip()) + 1

@@ -20,6 +20,7 @@ from components.examples import load_columns, load_stats, make_dataset
 from components.model import Recommender, SeenMovies
 from components.saved_model import write_saved_model
 from components.storage import atomic_output_dir
+from components.vocabulary import load_vocabularies
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,17 @@ class _EpochLog(keras.callbacks.Callback):
         )
 
 
+def for_feedback(config: TrainingConfig, stats: dict) -> TrainingConfig:
+    """Implicit feedback (no rating column): the rating head has nothing to learn, so the model
+    learns retrieval only (ranking_weight 0) and the export leaves the rating out."""
+    if stats.get("explicit", True) or not config.ranking_weight:
+        return config
+    log.info("implicit feedback (no ratings): retrieval only, ranking_weight 0")
+    return config.replace(
+        ranking_weight=0.0, retrieval_weight=config.retrieval_weight or 1.0, rerank_pool=0
+    )
+
+
 def build_model(
     examples_dir: str, config: TrainingConfig, fit_splits: tuple[str, ...] = (F.TRAIN_SPLIT,)
 ) -> Recommender:
@@ -81,7 +93,9 @@ def build_model(
     stats = load_stats(examples_dir)
     parts = [load_columns(examples_dir, split) for split in fit_splits]
     train = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-    num_movies = stats["max_movie_id"] + 1
+    # Tables sized by the vocabularies (+1: the out-of-vocabulary row 0), never by raw ids.
+    num_users = stats["vocabulary"]["users"] + 1
+    num_movies = stats["vocabulary"]["movies"] + 1
     counts = np.bincount(train[F.MOVIE_ID], minlength=num_movies)
     if config.use_side_features:
         raise ConfigError(
@@ -91,7 +105,7 @@ def build_model(
     history = None
     if config.user_history_pooling != "none":
         history = (train[F.USER_ID], train[F.MOVIE_ID])
-    model = Recommender(stats["max_user_id"] + 1, num_movies, counts, config, user_history=history)
+    model = Recommender(num_users, num_movies, counts, config, user_history=history)
     model.build_for_ids()
     return model
 
@@ -106,6 +120,7 @@ def train_model(
     it (candidates indexed, ready to retrieve) and its history."""
     keras.utils.set_random_seed(config.shuffle_seed)
     log.info(describe_devices())
+    config = for_feedback(config, load_stats(examples_dir))
     model = build_model(examples_dir, config, fit_splits)
     model.compile(optimizer=make_optimizer(config))
     rows = load_stats(examples_dir)["rows"]
@@ -173,6 +188,7 @@ def run_training(
         write_saved_model(
             model,
             seen,
+            load_vocabularies(examples_dir, stats),
             staging,
             history,
             {
@@ -180,6 +196,7 @@ def run_training(
                 "fit_splits": list(fit_splits),
                 "examples_rows": stats["rows"],
                 "stars_range": stats.get("stars_range", list(F.DEFAULT_STARS_RANGE)),
+                "explicit": stats.get("explicit", True),
             },
             model_name,
         )

@@ -17,6 +17,7 @@ from components.config import (
     DEFAULT_SERVING_MODEL_DIR,
     TRAINING_PRESETS,
     GateConfig,
+    IngestionConfig,
     KubeflowConfig,
     PipelineConfig,
     PreprocessingConfig,
@@ -27,6 +28,7 @@ from components.errors import MtrecError
 from components.features import DEFAULT_MODEL_NAME
 
 SECTIONS: dict[str, type] = {
+    "ingestion": IngestionConfig,
     "preprocessing": PreprocessingConfig,
     "training": TrainingConfig,
     "gates": GateConfig,
@@ -216,7 +218,10 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from components.ingestion import run_ingestion
 
-    report = run_ingestion(args.data_dir or "", args.ratings_output, args.movies_output)
+    config = config_from_args(args)
+    report = run_ingestion(
+        args.data_dir or "", args.ratings_output, args.movies_output, config.ingestion
+    )
     print(json.dumps(report.to_dict(), indent=2))
     return 0
 
@@ -310,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the whole DAG locally (kfp.local)")
     run.add_argument(
-        "--data-dir", help="raw ml-100k folder (u.data, u.item): local, s3:// or gs://; default: tfds"
+        "--data-dir",
+        help="a MovieLens folder (ml-100k, ml-1m/10m, ml-20m/25m/latest): local, s3:// or gs://; "
+        "default: tensorflow-datasets; for your own logs see --interactions",
     )
     run.add_argument(
         "--output", default="mtrec-output", help="output folder (default: %(default)s)"
@@ -363,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--data-dir", help="raw ml-100k folder; default: tfds")
     ing.add_argument("--ratings-output", required=True)
     ing.add_argument("--movies-output", required=True)
+    add_config_arguments(ing, ("ingestion",))
     ing.set_defaults(func=cmd_ingest)
 
     pre = commands.add_parser("preprocess", help="run the Beam preprocessing stage alone")

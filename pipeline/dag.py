@@ -17,6 +17,7 @@ from components.config import (
     DEFAULT_SERVING_MODEL_DIR,
     DEFAULT_TRAINING,
     GateConfig,
+    IngestionConfig,
     KubeflowConfig,
     PreprocessingConfig,
 )
@@ -33,6 +34,7 @@ from pipeline.tasks import (
 PIPELINE_NAME = "mtrec"
 RETRY_BACKOFF = "30s"
 # Pipeline parameter defaults (module-level: KFP reads them from the signature).
+_INGESTION_DEFAULTS = IngestionConfig().to_dict()
 _PREPROCESSING_DEFAULTS = PreprocessingConfig().to_dict()
 _TRAINING_DEFAULTS = DEFAULT_TRAINING.to_dict()
 _GATE_DEFAULTS = GateConfig().to_dict()
@@ -82,12 +84,14 @@ def create_pipeline(settings: KubeflowConfig | None = None):
         data_dir: str = "",
         serving_model_dir: str = DEFAULT_SERVING_MODEL_DIR,
         model_name: str = DEFAULT_MODEL_NAME,
+        ingestion_config: dict = _INGESTION_DEFAULTS,
         preprocessing_config: dict = _PREPROCESSING_DEFAULTS,
         training_config: dict = _TRAINING_DEFAULTS,
         gate_config: dict = _GATE_DEFAULTS,
         refit_on_all: bool = False,
     ) -> PipelineOutputs:
-        ingest = ingestion(data_dir=data_dir).set_display_name("ingestion")
+        ingest = ingestion(data_dir=data_dir, ingestion_config=ingestion_config)
+        ingest.set_display_name("ingestion")
         _storage_task(ingest, settings)
         prepare = preprocessing(
             ratings=ingest.outputs["ratings"], preprocessing_config=preprocessing_config

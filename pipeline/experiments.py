@@ -69,9 +69,12 @@ def train_and_evaluate(examples_dir: str, configs: dict[str, TrainingConfig]) ->
     SavedModel training writes."""
     import tempfile
 
+    from components.examples import load_stats
     from components.saved_model import ServedModel
     from components.training import run_training
+    from components.vocabulary import load_vocabularies
 
+    vocabularies = load_vocabularies(examples_dir, load_stats(examples_dir))
     train = Split.load(examples_dir, F.TRAIN_SPLIT)
     seen = concat_splits(train, Split.load_optional(examples_dir, F.VALIDATION_SPLIT))
     test = Split.load(examples_dir, F.TEST_SPLIT)
@@ -82,7 +85,7 @@ def train_and_evaluate(examples_dir: str, configs: dict[str, TrainingConfig]) ->
             model_dir = os.path.join(workdir, "model")
             history = run_training(examples_dir, model_dir, config)
             seconds = time.perf_counter() - started
-            scored = score_served_model(ServedModel(model_dir), seen, test, train)
+            scored = score_served_model(ServedModel(model_dir, vocabularies), seen, test, train)
         log.info("%s: %s (%.1fs)", name, scored.metrics, seconds)
         outcomes.append(Outcome(name, scored.metrics, history, scored.curve, seconds))
     return outcomes
@@ -119,7 +122,7 @@ def compare_variants(data_dir: str, out_dir: str, epochs: int | None = None) -> 
     outcomes = train_and_evaluate(examples, configs)
     rows = [{"system": o.name, **o.metrics, "fit_seconds": o.seconds} for o in outcomes]
     stats = load_stats(examples)
-    extra, curves = baseline_rows(examples, stats["max_user_id"] + 1)
+    extra, curves = baseline_rows(examples, stats["vocabulary"]["users"] + 1)
     rows += extra
     write_report(
         out_dir,

@@ -35,6 +35,7 @@ def pipeline_arguments(config: PipelineConfig) -> dict:
     """The pipeline parameters for a configuration."""
     return {
         "data_dir": config.data_dir,
+        "ingestion_config": config.ingestion.to_dict(),
         "serving_model_dir": config.serving_model_dir,
         "model_name": config.model_name,
         "preprocessing_config": config.preprocessing.to_dict(),
@@ -75,6 +76,10 @@ def run_local(config: PipelineConfig, verbose: bool = False) -> LocalRun:
     config = dataclasses.replace(
         config,
         data_dir=_absolute(config.data_dir),
+        ingestion=config.ingestion.replace(
+            interactions=_absolute(config.ingestion.interactions),
+            items=_absolute(config.ingestion.items),
+        ),
         serving_model_dir=_absolute(config.serving_model_dir)
         or os.path.join(output_dir, "serving"),
     )

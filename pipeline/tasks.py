@@ -8,13 +8,21 @@ its container, so every import a function needs is inside it.
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 
-def ingestion_op(data_dir: str, ratings: Output[Dataset], movies: Output[Dataset]):
-    """Ingest MovieLens (raw folder or tensorflow-datasets) into ratings and movies artifacts."""
+def ingestion_op(
+    data_dir: str,
+    ingestion_config: dict,
+    ratings: Output[Dataset],
+    movies: Output[Dataset],
+):
+    """Ingest your own interaction logs, a MovieLens folder or tensorflow-datasets into ratings
+    and movies artifacts."""
+    from components.config import IngestionConfig
     from components.errors import exit_on_error
     from components.ingestion import run_ingestion
 
     with exit_on_error():
-        report = run_ingestion(data_dir, ratings.path, movies.path)
+        config = IngestionConfig.from_dict(ingestion_config)
+        report = run_ingestion(data_dir, ratings.path, movies.path, config)
         ratings.metadata.update(
             {
                 "source": report.source,

@@ -67,6 +67,52 @@ def write_movielens(
     return directory
 
 
+def write_interactions(
+    path: str,
+    users: int = 60,
+    movies: int = 40,
+    per_user: int = 25,
+    user_ids=lambda u: f"user-{u:04d}",
+    item_ids=lambda m: f"sku/{m * 7919 % 10007}",
+    rating: bool = True,
+    timestamps: bool = True,
+    items_path: str | None = None,
+) -> str:
+    """Your own logs, as a team would bring them: a CSV (or Parquet, by suffix) file with a
+    header (user_id, item_id, rating, timestamp) and ids made by `user_ids` / `item_ids`; the
+    same latent structure as `write_movielens`. `items_path`: a catalogue (item_id, title)."""
+    source = write_movielens(
+        os.path.join(os.path.dirname(path) or ".", ".interactions-source"), users, movies, per_user
+    )
+    with open(os.path.join(source, "u.data"), encoding="utf-8") as handle:
+        rows = [line.split("\t") for line in handle]
+    columns = {
+        "user_id": [user_ids(int(r[0])) for r in rows],
+        "item_id": [item_ids(int(r[1])) for r in rows],
+    }
+    if rating:
+        columns["rating"] = [float(r[2]) for r in rows]
+    if timestamps:
+        columns["timestamp"] = [int(r[3]) for r in rows]
+    if path.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table(columns), path)
+    else:
+        import csv
+
+        with open(path, "w", encoding="utf-8", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(list(columns))
+            writer.writerows(zip(*columns.values(), strict=True))
+    if items_path:
+        with open(items_path, "w", encoding="utf-8", newline="") as handle:
+            handle.write("item_id,title\n")
+            handle.writelines(f'{item_ids(m)},"Item {m}, a title"\n' for m in range(1, movies + 1))
+    return path
+
+
 @pytest.fixture(scope="session")
 def small_data_dir(tmp_path_factory) -> str:
     return write_movielens(str(tmp_path_factory.mktemp("ml-small")))

@@ -147,6 +147,21 @@ def test_tfds_offline_fails_fast_with_a_clear_message(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_tfds_names_follow_the_movielens_size():
+    from components.ingestion import tfds_names
+
+    assert tfds_names("movielens/1m-ratings") == ("movielens/1m-ratings", "movielens/1m-movies")
+    with pytest.raises(DataError, match="expected a MovieLens ratings data set"):
+        tfds_names("mnist")
+
+
+def test_the_tfds_half_star_layout_parses_numbers():
+    from components.ingestion import TFDS_HALF_STARS, parse_block, parse_rating_line
+
+    assert parse_rating_line("7\t42\t3.5\t100\n", "tfds", 1, TFDS_HALF_STARS).stars == 3.5
+    assert parse_block("7\t42\t3.5\t100\n", TFDS_HALF_STARS)["stars"].tolist() == [3.5]
+
+
 @pytest.mark.parametrize("layout", ["ml-100k", "ml-1m", "ml-25m"])
 def test_every_release_layout_is_recognised(tmp_path, layout):
     from tests.conftest import write_movielens
@@ -205,10 +220,10 @@ def test_duplicate_ratings_are_counted_and_the_newest_kept(tmp_path):
         str(tmp_path / "r"), str(tmp_path / "e"), PreprocessingConfig(test_fraction=0.34)
     )
     assert stats["superseded_rows"] == 3 and sum(stats["rows"].values()) == 3
-    stars = sorted(
-        (int(u), int(m), float(s))
+    kept = sorted(  # (timestamp, stars): the timestamps tell the rows apart
+        (int(t), float(s))
         for split in ("train", "validation", "test")
         if stats["rows"][split]
-        for u, m, s in zip(*(load_columns(str(tmp_path / "e"), split)[k] for k in ("user_id", "movie_id", "stars")), strict=True)
+        for t, s in zip(*(load_columns(str(tmp_path / "e"), split)[k] for k in ("timestamp", "stars")), strict=True)
     )
-    assert stars == [(1, 2, 5.0), (2, 2, 4.0), (2, 3, 2.0)]
+    assert kept == [(50, 4.0), (60, 2.0), (300, 5.0)]  # user 1's newest; user 2's later line

@@ -265,7 +265,7 @@ def test_local_run_pushes_when_blessed_and_a_failing_gate_blocks_the_push(
     assert first.model_path == str(tmp_path / "out" / "serving" / "mtrec" / "1")
     assert list(first.timings) == STAGES
     loaded = tf.saved_model.load(first.model_path)
-    out = loaded.signatures[F.SIGNATURE_RETRIEVE](user_id=tf.constant([1, 2], tf.int32))
+    out = loaded.signatures[F.SIGNATURE_RETRIEVE](user_id=tf.constant([1, 2], tf.int64))
     assert out[F.OUT_MOVIE_IDS].shape == (2, 10)
     for name in ("report.md", "report.html", "metrics.json", "blessing.json", "movies.tsv"):
         assert os.path.isfile(tmp_path / "out" / name), name
@@ -330,7 +330,7 @@ def test_a_half_star_release_runs_end_to_end_on_its_own_scale(tmp_path):
     assert model["rmse_stars"] == pytest.approx(model["rmse"] * (high - low))
     loaded = tf.saved_model.load(result.model_path)
     out = loaded.signatures[F.SIGNATURE_RANK](
-        user_id=tf.constant([1, 2], tf.int32), movie_id=tf.constant([1, 2], tf.int32)
+        user_id=tf.constant([1, 2], tf.int64), movie_id=tf.constant([1, 2], tf.int64)
     )
     np_stars = out[F.OUT_STARS].numpy()
     assert ((np_stars >= low - 1e-6) & (np_stars <= high + 1e-6)).all()

@@ -12,7 +12,15 @@ from components import features as F
 from components.config import PreprocessingConfig
 from components.errors import DataError
 from components.examples import encode_example, split_files
-from components.ingestion import BadRow
+from components.ingestion import (
+    INTERACTIONS,
+    ML_100K,
+    ML_CSV,
+    ML_DAT,
+    BadRow,
+    parse_block,
+    parse_rating_line,
+)
 from components.preprocessing import (
     DEAD_LETTER_TAG,
     SPLIT_ORDER,
@@ -43,14 +51,9 @@ def _rows(chunk):
 def test_parse_ratings_sends_malformed_lines_to_dead_letter():
     chunk = (
         "u.data",
-        [
-            (1, "1\t10\t5\t100\n"),
-            (2, "2\t11\t3\n"),
-            (3, "3\tx\t4\t100\n"),
-            (4, "4\t12\t7\t100\n"),
-            (5, "5\t13\t1\t100\n"),
-            (6, "1_96\t13\t1\t100\n"),
-        ],
+        1,
+        b"1\t10\t5\t100\n2\t11\t3\n3\tx\t4\t100\n4\t12\t7\t100\n5\t13\t1\t100\n"
+        b"1_96\t13\t1\t100\n",
     )
     with TestPipeline(options=_options()) as p:
         out = p | beam.Create([chunk]) | ParseRatings(ParseSettings(seed=1))
@@ -86,6 +89,43 @@ def _chunks(n, size):
 
 
 @pytest.mark.parametrize(
+    "layout, text",
+    [
+        (ML_100K, "1\t10\t5\t100\n2\t11\t3\t101\r\n"),
+        (ML_DAT, "1::10::4.5::100\n2::11::0.5::-5\n"),
+        (ML_CSV, "1,10,4.5,100\n" + str(2**63 - 1) + ",11,5.0,7\n"),
+        (INTERACTIONS, "u 1\tsku:9\t-2.5e1\t100\nü\tx,y\t3\t0\n"),
+    ],
+)
+def test_the_block_fast_path_parses_as_the_line_parser(layout, text):
+    kinds = {"user": "string", "movie": "string"}
+    fast = parse_block(text, layout, kinds)
+    assert fast is not None
+    rows = [parse_rating_line(line, "f", 1, layout, kinds) for line in text.splitlines(True)]
+    assert fast["users"].tolist() == [r.user_id for r in rows]
+    assert fast["movies"].tolist() == [r.movie_id for r in rows]
+    assert fast["stars"].tolist() == [r.stars for r in rows]
+    assert fast["timestamps"].tolist() == [r.timestamp for r in rows]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1\t10\t5\t100\n\n",  # a blank line
+        "1_96\t10\t5\t100\n",
+        "0\t10\t5\t100\n",  # ids are positive
+        "1\t10\t6\t100\n",  # above the scale
+        "1\t10\t4.5\t100\n",  # half stars in a whole-star release
+        str(2**63) + "\t10\t5\t100\n",  # beyond int64
+        " 1\t10\t5\t100\n",
+        "1\t10\t5\t100",  # no line end: the caller adds one
+    ],
+)
+def test_a_block_with_any_bad_line_takes_the_line_by_line_path(text):
+    assert parse_block(text, ML_100K) is None
+
+
+@pytest.mark.parametrize(
     ("n", "test", "validation"), [(100, 0.2, 0.1), (37, 0.5, 0.0), (10, 0.01, 0.3), (500, 0.33, 0.25)]
 )
 def test_split_is_exact_and_follows_the_hash_order(n, test, validation):
@@ -105,11 +145,22 @@ def test_split_is_exact_and_follows_the_hash_order(n, test, validation):
     }
     expected[F.TRAIN_SPLIT] = sorted(set(range(n)) - set(expected[F.TEST_SPLIT]) - set(expected[F.VALIDATION_SPLIT]))
     with TestPipeline(options=_options()) as p:
-        splits = p | beam.Create(chunks) | SplitRatings(test, validation)
-        for name in SPLIT_ORDER:
+        rows = p | beam.Create(chunks)
+        split = {"first": rows, "second": rows} | SplitRatings(test, validation)
+        thresholds = beam.pvalue.AsSingleton(split["thresholds"])
+        for code, name in enumerate(SPLIT_ORDER):
             # Row i has timestamp 1000 + i: recover the row indices of each split.
-            rows = splits[name] | f"Rows{name}" >> beam.FlatMap(lambda c: (c["timestamps"] - 1000).tolist())
-            assert_that(rows, equal_to(expected[name]), label=name)
+            def of_split(chunk, thresholds, code=code):
+                keep = assign_splits(chunk["keys"], thresholds) == code
+                return (chunk["timestamps"][keep] - 1000).tolist()
+
+            got = rows | f"Rows{name}" >> beam.FlatMap(of_split, thresholds)
+            assert_that(got, equal_to(expected[name]), label=name)
+        # The training split's id counts: the rows above the validation cut, exactly.
+        all_users = np.concatenate([c["users"] for c in chunks])
+        train_users = sorted(all_users[expected[F.TRAIN_SPLIT]].tolist())
+        counted = split["train_counts"] | beam.FlatMap(lambda counts: sorted(counts[0].elements()))
+        assert_that(counted, equal_to(train_users), label="train counts")
 
 
 def test_split_keys_depend_on_the_seed_and_the_row_not_on_the_chunking():
@@ -159,7 +210,11 @@ def test_run_preprocessing_writes_splits_and_stats(small_examples, small_data_di
         "train": total - n_test - n_validation, "validation": n_validation, "test": n_test
     }  # fmt: skip
     assert stats["invalid_rows"] == 0
-    assert stats["max_user_id"] == 60 and stats["max_movie_id"] <= 40
+    assert stats["users"] == 60 and stats["movies"] <= 40
+    vocabulary = stats["vocabulary"]
+    assert vocabulary["users"] == 60 and vocabulary["movies"] <= 40
+    assert vocabulary["id_kinds"] == {"user": "int64", "movie": "int64"}
+    assert vocabulary["oov_user_rows"]["train"] == vocabulary["oov_movie_rows"]["train"] == 0
     counted = sum(
         1 for f in split_files(examples, F.TEST_SPLIT) for _ in tf.data.TFRecordDataset(f)
     )
