@@ -158,10 +158,12 @@ class SessionCalls:
         with graph.as_default(), deprecation.silence():
             meta_graph = tf.compat.v1.saved_model.loader.load(self.session, ["serve"], version_dir)
         self.calls = {}
+        self.outputs = {}
         for name, sig in meta_graph.signature_def.items():
             if name == "__saved_model_init_op":  # not callable
                 continue
             inputs, outputs = sorted(sig.inputs), sorted(sig.outputs)
+            self.outputs[name] = outputs
             options = config_pb2.CallableOptions(
                 feed=[sig.inputs[n].name for n in inputs],
                 fetch=[sig.outputs[n].name for n in outputs],
@@ -547,6 +549,22 @@ def main() -> None:
     else:
         saved_model = tf.saved_model.load(version_dir)
     inputs = workloads(info["num_users"], info["num_movies"], input_dtypes(version_dir))
+    if "rank" in inputs:  # rank what retrieve returns, as `mtrec query` does: known movies only
+        retrieve = (
+            calls.function(F.SIGNATURE_RETRIEVE)
+            if session
+            else saved_model.signatures[F.SIGNATURE_RETRIEVE]
+        )
+        for rank_item, retrieve_item in zip(inputs["rank"], inputs["retrieve"], strict=True):
+            got = retrieve(**retrieve_item)
+            if session:
+                names = sorted(calls.outputs[F.SIGNATURE_RETRIEVE])
+                movie_ids = got[names.index(F.OUT_MOVIE_IDS)]
+            else:
+                movie_ids = got[F.OUT_MOVIE_IDS].numpy()
+            movies = movie_ids[0][:RANK_BATCH]
+            rank_item[F.MOVIE_ID] = movies
+            rank_item[F.USER_ID] = rank_item[F.USER_ID][: len(movies)]
     levels = [int(c) for c in args.clients.split(",")]
     payloads = {
         workload: serialised_requests(args.model_name, SIGNATURES[workload], inputs[workload])
