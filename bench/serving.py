@@ -2,8 +2,10 @@
 
 Why: the server's cost is its overhead on top of the model. Each figure is measured twice in the
 same run: through `mtrec serve` (a separate process, gRPC on 127.0.0.1) and by calling the loaded
-SavedModel's signature in this process, at 1, 8 and 32 concurrent clients. The ratio of the two is
-the server's overhead. Targets on a 2-core machine (issue 11): retrieve p50 <= 0.7 ms at 1 client
+SavedModel's signature in this process the way the server calls it (a TF1 Session callable;
+`--in-process function` for the TF2 signature function instead), at 1, 8 and 32 concurrent
+clients. The ratio of the two is the server's overhead. Inputs take each signature's declared
+dtype (int32, int64 or string ids); an export without `rank` is benchmarked on retrieve only. Targets on a 2-core machine (issue 11): retrieve p50 <= 0.7 ms at 1 client
 and >= 3,500 requests/s at 8 clients, client included, and within 1.5x of "gRPC floor + model
 call" measured in the same run (the last table's bottom rows).
 
@@ -87,23 +89,91 @@ def latest_version_dir(base: str, model_name: str) -> str:
     return os.path.join(model_dir, str(versions[-1]))
 
 
-def workloads(num_users: int, num_movies: int, seed: int = 0) -> dict[str, list[dict]]:
-    """Input dicts per workload (numpy int32), drawn once so both sides see the same calls."""
-    rng = np.random.default_rng(seed)
-    users = rng.integers(1, num_users, size=POOL).astype(np.int32)
+def input_dtypes(version_dir: str) -> dict[str, dict[str, int]]:
+    """Signature -> input name -> declared dtype enum, from the export's SignatureDefs."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    with open(os.path.join(version_dir, "saved_model.pb"), "rb") as handle:
+        saved.ParseFromString(handle.read())
+    graph = next(g for g in saved.meta_graphs if "serve" in g.meta_info_def.tags)
     return {
-        "retrieve": [{F.USER_ID: np.asarray([u], np.int32)} for u in users],
-        "rank": [
-            {
-                F.USER_ID: np.full(RANK_BATCH, u, np.int32),
-                F.MOVIE_ID: rng.integers(1, num_movies, size=RANK_BATCH).astype(np.int32),
-            }
-            for u in users
-        ],
+        name: {n: info.dtype for n, info in sig.inputs.items()}
+        for name, sig in graph.signature_def.items()
     }
 
 
+def _as_dtype(values: np.ndarray, enum: int) -> np.ndarray:
+    """Ids 1..n as the signature declares them: int32, int64, or their decimal text."""
+    if enum == tf.string.as_datatype_enum:
+        return np.asarray([str(v).encode() for v in values.ravel()], object).reshape(values.shape)
+    return values.astype(tf.dtypes.as_dtype(enum).as_numpy_dtype)
+
+
+def workloads(
+    num_users: int, num_movies: int, dtypes: dict | None = None, seed: int = 0
+) -> dict[str, list[dict]]:
+    """Input dicts per workload (numpy, of each signature's declared dtype; int32 when not
+    given), drawn once so both sides see the same calls."""
+    rng = np.random.default_rng(seed)
+    users = rng.integers(1, num_users, size=POOL)
+    int32 = tf.int32.as_datatype_enum
+    dtypes = dtypes or {}
+    retrieve = dtypes.get(F.SIGNATURE_RETRIEVE, {})
+    rank = dtypes.get(F.SIGNATURE_RANK, {})
+    found = {
+        "retrieve": [
+            {F.USER_ID: _as_dtype(np.asarray([u]), retrieve.get(F.USER_ID, int32))} for u in users
+        ],
+    }
+    if not dtypes or rank:  # implicit-feedback exports have no rank signature
+        found["rank"] = [
+            {
+                F.USER_ID: _as_dtype(np.full(RANK_BATCH, u), rank.get(F.USER_ID, int32)),
+                F.MOVIE_ID: _as_dtype(
+                    rng.integers(1, num_movies, size=RANK_BATCH), rank.get(F.MOVIE_ID, int32)
+                ),
+            }
+            for u in users
+        ]
+    return found
+
+
 SIGNATURES = {"retrieve": F.SIGNATURE_RETRIEVE, "rank": F.SIGNATURE_RANK}
+
+
+class SessionCalls:
+    """The model call as the server makes it (serving/signatures.py): a TF1 Session over the
+    export, each signature's tensors run by name through a pre-pruned callable, ops in the
+    calling thread. (This file is bench/serving.py, so `import serving` here would import
+    itself; the few lines are repeated.)"""
+
+    def __init__(self, version_dir: str, inter_op_threads: int):
+        from tensorflow.core.protobuf import config_pb2
+        from tensorflow.python.util import deprecation
+
+        graph = tf.Graph()
+        config = tf.compat.v1.ConfigProto(inter_op_parallelism_threads=inter_op_threads)
+        self.session = tf.compat.v1.Session(graph=graph, config=config)
+        with graph.as_default(), deprecation.silence():
+            meta_graph = tf.compat.v1.saved_model.loader.load(self.session, ["serve"], version_dir)
+        self.calls = {}
+        self.outputs = {}
+        for name, sig in meta_graph.signature_def.items():
+            if name == "__saved_model_init_op":  # not callable
+                continue
+            inputs, outputs = sorted(sig.inputs), sorted(sig.outputs)
+            self.outputs[name] = outputs
+            options = config_pb2.CallableOptions(
+                feed=[sig.inputs[n].name for n in inputs],
+                fetch=[sig.outputs[n].name for n in outputs],
+            )
+            options.run_options.inter_op_thread_pool = -1
+            self.calls[name] = (inputs, self.session._make_callable_from_options(options))
+
+    def function(self, signature: str):
+        names, call = self.calls[signature]
+        return lambda **arrays: call(*[arrays[n] for n in names])
 
 
 def summarise(latencies: list[float], wall: float) -> dict:
@@ -120,9 +190,11 @@ def summarise(latencies: list[float], wall: float) -> dict:
 
 
 def run_in_process(
-    function, inputs: list[dict], clients: int, requests: int, seconds: float
+    function, inputs: list[dict], clients: int, requests: int, seconds: float, session: bool
 ) -> dict:
-    tensors = [{k: tf.constant(v) for k, v in item.items()} for item in inputs]
+    """`function(**inputs)` from `clients` threads: the server's Session callable (numpy in
+    and out), or the TF2 signature function (tensors in, `.numpy()` out)."""
+    tensors = inputs if session else [{k: tf.constant(v) for k, v in i.items()} for i in inputs]
     for item in tensors[:20]:
         function(**item)
     per_client = max(1, requests // clients)
@@ -138,7 +210,8 @@ def run_in_process(
             item = tensors[(offset + i) % len(tensors)]
             started = time.perf_counter()
             outputs = function(**item)
-            {k: v.numpy() for k, v in outputs.items()}
+            if not session:
+                {k: v.numpy() for k, v in outputs.items()}
             mine.append(time.perf_counter() - started)
         with lock:
             latencies.extend(mine)
@@ -359,7 +432,8 @@ def soak(args: argparse.Namespace, base: str) -> None:
             out.write(model_config(args.model_name, model_dir))
         with open(metadata_path(os.path.join(model_dir, "1")), encoding="utf-8") as handle:
             info = json.load(handle)
-        inputs = workloads(info["num_users"], info["num_movies"])["retrieve"]
+        dtypes = input_dtypes(os.path.join(model_dir, "1"))
+        inputs = workloads(info["num_users"], info["num_movies"], dtypes)["retrieve"]
         payloads = serialised_requests(args.model_name, F.SIGNATURE_RETRIEVE, inputs)
         command = [
             *(sys.executable, "-c", SERVE, "--model-config-file", conf),
@@ -444,6 +518,13 @@ def main() -> None:
         default=True,
         help="also measure an empty-handler gRPC server (default: on)",
     )
+    parser.add_argument(
+        "--in-process",
+        choices=("session", "function"),
+        default="session",
+        help="the in-process model call: the server's own (a TF1 Session callable, default) "
+        "or the TF2 signature function",
+    )
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--soak", type=float, help="run the soak for this many seconds instead")
     parser.add_argument("--soak-clients", type=int, default=16, help="default: %(default)s")
@@ -462,25 +543,47 @@ def main() -> None:
     version_dir = latest_version_dir(base, args.model_name)
     with open(metadata_path(version_dir), encoding="utf-8") as handle:
         info = json.load(handle)
-    saved_model = tf.saved_model.load(version_dir)
-    inputs = workloads(info["num_users"], info["num_movies"])
+    session = args.in_process == "session"
+    if session:
+        calls = SessionCalls(version_dir, args.inter_op_threads)
+    else:
+        saved_model = tf.saved_model.load(version_dir)
+    inputs = workloads(info["num_users"], info["num_movies"], input_dtypes(version_dir))
+    if "rank" in inputs:  # rank what retrieve returns, as `mtrec query` does: known movies only
+        retrieve = (
+            calls.function(F.SIGNATURE_RETRIEVE)
+            if session
+            else saved_model.signatures[F.SIGNATURE_RETRIEVE]
+        )
+        for rank_item, retrieve_item in zip(inputs["rank"], inputs["retrieve"], strict=True):
+            got = retrieve(**retrieve_item)
+            if session:
+                names = sorted(calls.outputs[F.SIGNATURE_RETRIEVE])
+                movie_ids = got[names.index(F.OUT_MOVIE_IDS)]
+            else:
+                movie_ids = got[F.OUT_MOVIE_IDS].numpy()
+            movies = movie_ids[0][:RANK_BATCH]
+            rank_item[F.MOVIE_ID] = movies
+            rank_item[F.USER_ID] = rank_item[F.USER_ID][: len(movies)]
     levels = [int(c) for c in args.clients.split(",")]
     payloads = {
-        workload: serialised_requests(args.model_name, signature, inputs[workload])
-        for workload, signature in SIGNATURES.items()
+        workload: serialised_requests(args.model_name, SIGNATURES[workload], inputs[workload])
+        for workload in inputs
     }
 
     rows = []
     server, port, workers = start_server(args, base)
     try:
-        for workload, signature in SIGNATURES.items():
+        for workload in inputs:
+            signature = SIGNATURES[workload]
             for clients in levels:
                 local = run_in_process(
-                    saved_model.signatures[signature],
+                    calls.function(signature) if session else saved_model.signatures[signature],
                     inputs[workload],
                     clients,
                     args.requests,
                     args.seconds,
+                    session,
                 )
                 remote = run_grpc(
                     f"127.0.0.1:{port}", payloads[workload], clients, args.requests, args.seconds
@@ -518,7 +621,8 @@ def main() -> None:
     print()
     print(
         f"{os.cpu_count()} cores; export {version_dir}; retrieve = 1 user, rank = {RANK_BATCH} pairs "
-        f"per request; server: {workers} gRPC threads, batching {'on' if args.batching else 'off'}"
+        f"per request; server: {workers} gRPC threads, batching {'on' if args.batching else 'off'}; "
+        f"in-process: {args.in_process} calls"
     )
     print_table(rows, floor)
     if args.json:

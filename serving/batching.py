@@ -11,6 +11,7 @@ A merged call that fails (one request's unknown id) is re-run request by request
 request gets its own answer or error.
 """
 
+import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -47,13 +48,16 @@ class Batcher:
         call: Callable[[Arrays], Arrays],
         max_rows: int = 0,
         on_batch: Callable[[int], None] | None = None,
+        in_flight: Callable[[], int] | None = None,
     ):
         self._call = call
         self._max_rows = max_rows
         self._on_batch = on_batch  # told the rows of each model call (metrics)
+        self._in_flight = in_flight  # requests inside the server (queued here or on their way)
         self._lock = threading.Lock()
         self._pending: deque[_Request] = deque()
         self._busy = False  # invariant: not busy => nothing pending
+        self._merging = False  # the last batch held several requests
 
     def run(self, arrays: Arrays) -> Arrays:
         request = _Request(arrays)
@@ -73,6 +77,17 @@ class Batcher:
     def _lead(self) -> None:
         """Run one batch (starting with the oldest request), then hand leadership on."""
         try:
+            # When other requests are on their way (some already inside the server, or the
+            # last batch merged several: under load most wait in gRPC's machinery, unseen), let
+            # their threads reach the queue before the batch is taken: a request's own Python
+            # (gRPC's and ours) takes longer than the model call, so without it batches rarely
+            # merge (measured at 8 clients: 1.1-1.9 rows per model call without, 4-6 with,
+            # ~25% less server CPU per request). sched_yield releases the GIL (~1 us on an idle
+            # core; time.sleep(0) costs 50-150 us of timer slack). At one client: no yield.
+            if self._merging or (
+                self._in_flight is not None and self._in_flight() > len(self._pending)
+            ):
+                os.sched_yield()
             self._execute(self._take())
         finally:
             with self._lock:
@@ -96,6 +111,7 @@ class Batcher:
                 else:
                     kept.append(candidate)
             self._pending = kept
+            self._merging = len(batch) > 1
         return batch
 
     def _execute(self, batch: list[_Request]) -> None:

@@ -96,7 +96,11 @@ def add_query_arguments(parser: argparse.ArgumentParser) -> None:
         "--target", default="localhost:8500", help="gRPC host:port (default: %(default)s)"
     )
     parser.add_argument("--model-name", default="mtrec", help="default: %(default)s")
-    parser.add_argument("--user-id", type=int, required=True)
+    parser.add_argument(
+        "--user-id",
+        required=True,
+        help="the user's raw id, as in the data (sent as the model declares it: int or string)",
+    )
     parser.add_argument("-k", "--top-k", type=int, default=10, help="default: %(default)s")
     parser.add_argument(
         "--movies",

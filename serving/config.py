@@ -80,6 +80,10 @@ class ServerConfig:
             "(e.g. excluded_movie_ids per user)"
         },
     )
+    max_string_bytes: int = field(
+        default=4096,
+        metadata={"help": "longest element of a string input (e.g. a raw id), in bytes"},
+    )
     max_request_mib: int = field(
         default=16, metadata={"help": "largest gRPC message or REST body, in MiB"}
     )
@@ -149,6 +153,7 @@ class ServerConfig:
             "keep_versions": 1,
             "max_batch_size": 1,
             "max_dim_size": 1,
+            "max_string_bytes": 1,
             "max_request_mib": 1,
             "rest_max_connections": 1,
             "workers": 0,

@@ -1,6 +1,7 @@
 """Prometheus metrics of one server (its own registry, so servers in one process stay apart),
 exposed as text at TF Serving's `/monitoring/prometheus/metrics` on the REST port."""
 
+import threading
 import time
 from contextlib import contextmanager
 
@@ -48,6 +49,9 @@ class ServingMetrics:
         self.in_flight = Gauge(
             "mtrec_serving_requests_in_flight", "Requests being answered", registry=self.registry
         )
+        self._active = 0  # requests being answered (the gauge reads it; the batcher asks it)
+        self._active_lock = threading.Lock()
+        self.in_flight.set_function(lambda: self._active)
         self.loads = Counter(
             "mtrec_serving_model_loads",
             "Version loads, by outcome (ok, failed)",
@@ -73,13 +77,25 @@ class ServingMetrics:
         children[0].inc()
         children[1].observe(seconds)
 
+    def enter(self) -> None:
+        with self._active_lock:
+            self._active += 1
+
+    def leave(self) -> None:
+        with self._active_lock:
+            self._active -= 1
+
+    def active(self) -> int:
+        """Requests being answered now (an int read: no lock needed)."""
+        return self._active
+
     @contextmanager
     def in_flight_request(self):
-        self.in_flight.inc()
+        self.enter()
         try:
             yield time.perf_counter()
         finally:
-            self.in_flight.dec()
+            self.leave()
 
     def on_load(self, model: str, version: int, ok: bool) -> None:
         self.loads.labels(model, "ok" if ok else "failed").inc()

@@ -38,7 +38,7 @@ class Predictor:
         output_filter: Iterable[str] = (),
     ) -> tuple[LoadedVersion, Signature, dict[str, np.ndarray]]:
         metrics = self.metrics
-        metrics.in_flight.inc()
+        metrics.enter()
         started = time.perf_counter()
         names = ("", "", "")
         status = OK
@@ -56,5 +56,5 @@ class Predictor:
             status = "INTERNAL"
             raise
         finally:
-            metrics.in_flight.dec()
+            metrics.leave()
             metrics.observe(*names, api, status, time.perf_counter() - started)

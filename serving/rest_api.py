@@ -13,6 +13,8 @@ No Server header. Model calls run on a thread pool, never on the event loop.
 """
 
 import asyncio
+import base64
+import binascii
 import json
 import logging
 import re
@@ -26,6 +28,7 @@ import h11
 import numpy as np
 import uvicorn
 from google.protobuf import json_format
+from tensorflow.core.framework import types_pb2
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from serving.errors import RequestError, invalid_argument, not_found
@@ -157,7 +160,7 @@ class RestApi:
             return arrays
 
         _, _, outputs = self.predictor.predict("rest", name, version, label, signature_name, decode)
-        lists = {n: array.tolist() for n, array in outputs.items()}
+        lists = {n: _json_value(array) for n, array in outputs.items()}
         if has_columns:
             return {"outputs": next(iter(lists.values())) if len(lists) == 1 else lists}
         if len(lists) == 1:
@@ -206,7 +209,7 @@ def _columns_from_instances(signature: Signature, instances: Any) -> dict[str, A
                 )
         columns = {name: [row[name] for row in instances] for name in names}
         for name, spec in signature.inputs.items():  # a per-request scalar (k) is not a row
-            if name in columns and not spec.shape:
+            if name in columns and spec.shape == ():
                 values = columns[name]
                 if any(v != values[0] for v in values):
                     raise invalid_argument(f"input {name!r} is one value per request")
@@ -233,7 +236,8 @@ def _columns_from_inputs(signature: Signature, inputs: Any) -> dict[str, Any]:
 
 
 def _to_array(signature: Signature, name: str, value: Any) -> np.ndarray:
-    """JSON values -> an array of the signature's dtype; no silent rounding or wrapping."""
+    """JSON values -> an array of the signature's dtype; no silent rounding or wrapping.
+    String inputs take JSON strings (sent as UTF-8) or TF Serving's {"b64": "..."}."""
     spec = signature.inputs.get(name)
     if spec is None:
         raise invalid_argument(
@@ -241,6 +245,8 @@ def _to_array(signature: Signature, name: str, value: Any) -> np.ndarray:
             f"its inputs are {', '.join(sorted(signature.inputs))}"
         )
     expected = spec.numpy_dtype
+    if spec.dtype_enum == types_pb2.DT_STRING:
+        return _to_strings(signature, name, value)
     try:
         array = np.asarray(value)
     except (ValueError, OverflowError):
@@ -253,14 +259,63 @@ def _to_array(signature: Signature, name: str, value: Any) -> np.ndarray:
         if array.dtype.kind not in "iu":
             raise invalid_argument(
                 f"input {name!r} of signature {signature.name!r} must be {expected.name}, "
-                f"got {array.dtype.name} values"
+                f"got {_json_kind(array)} values"
             )
         info = np.iinfo(expected)
         if array.min() < info.min or array.max() > info.max:
             raise invalid_argument(f"input {name!r} holds values outside {expected.name}'s range")
     elif expected.kind == "f" and array.dtype.kind not in "iuf":
-        raise invalid_argument(f"input {name!r} must be {expected.name}, got {array.dtype.name}")
+        raise invalid_argument(f"input {name!r} must be {expected.name}, got {_json_kind(array)}")
+    elif expected.kind == "b" and array.dtype.kind != "b":
+        raise invalid_argument(f"input {name!r} must be true/false, got {_json_kind(array)}")
     return array.astype(expected)
+
+
+def _json_kind(array: np.ndarray) -> str:
+    return "string" if array.dtype.kind in "US" else array.dtype.name
+
+
+def _to_strings(signature: Signature, name: str, value: Any) -> np.ndarray:
+    """JSON strings (or {"b64": ...}) -> an object array of bytes, rectangular."""
+    try:
+        array = np.asarray(value, dtype=object)
+    except ValueError:
+        array = None
+    if array is None:
+        raise invalid_argument(f"input {name!r} is not a rectangular array of strings")
+    flat = array.reshape(-1)
+    for index, item in enumerate(flat):
+        if isinstance(item, str):
+            flat[index] = item.encode("utf-8")
+        elif isinstance(item, dict) and set(item) == {"b64"} and isinstance(item["b64"], str):
+            try:
+                flat[index] = base64.b64decode(item["b64"], validate=True)
+            except binascii.Error:
+                raise invalid_argument(
+                    f'input {name!r}: invalid base64 in {{"b64": ...}}'
+                ) from None
+        else:
+            raise invalid_argument(
+                f"input {name!r} of signature {signature.name!r} must be string, got "
+                f'{type(item).__name__} values (JSON strings, or {{"b64": ...}} for bytes)'
+            )
+    return array
+
+
+def _json_value(array: np.ndarray):
+    """An output as JSON: bytes as UTF-8 text, or TF Serving's {"b64": ...} when not text."""
+    if array.dtype != object and array.dtype.kind != "S":
+        return array.tolist()
+
+    def text(item):
+        if isinstance(item, bytes):
+            try:
+                return item.decode("utf-8")
+            except UnicodeDecodeError:
+                return {"b64": base64.b64encode(item).decode("ascii")}
+        return item
+
+    return np.vectorize(text, otypes=[object])(array).tolist() if array.size else array.tolist()
 
 
 # --- HTTP: uvicorn with read deadlines, a connection cap and JSON errors at the protocol level ---

@@ -57,7 +57,14 @@ class ModelServer:
         self.config = config.check()
         self.metrics = ServingMetrics()
         limits = Limits(
-            config.max_batch_size, config.max_dim_size, config.batching, self.metrics.on_batch
+            config.max_batch_size,
+            config.max_dim_size,
+            config.batching,
+            self.metrics.on_batch,
+            config.inter_op_threads,
+            config.intra_op_threads,
+            config.max_string_bytes,
+            self.metrics.active,
         )
         self.registry = ModelRegistry(
             model_specs(config), limits, config.warm_up, self.metrics.on_load

@@ -31,7 +31,10 @@ _ENUM_BY_DTYPE = {
     np.dtype(np.float64): types_pb2.DT_DOUBLE,
     np.dtype(np.int32): types_pb2.DT_INT32,
     np.dtype(np.int64): types_pb2.DT_INT64,
+    np.dtype(np.bool_): types_pb2.DT_BOOL,
 }
+STRING_DTYPE = np.dtype(object)  # DT_STRING inputs and outputs: object arrays of bytes
+DEFAULT_MAX_STRING_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ class InputSpec:
     name: str
     dtype_enum: int
     numpy_dtype: np.dtype
-    shape: tuple[int | None, ...]
+    shape: tuple[int | None, ...] | None  # None: any rank
     batched: bool
 
     def where(self) -> str:
@@ -52,8 +55,11 @@ class InputSpec:
 
     def check_shape(self, dims: tuple[int, ...], max_batch_size: int, max_dim_size: int) -> None:
         """Rank, fixed sizes and limits; INVALID_ARGUMENT naming the limit otherwise."""
-        if len(dims) != len(self.shape) or any(
-            want is not None and want != got for want, got in zip(self.shape, dims, strict=True)
+        if self.shape is not None and (
+            len(dims) != len(self.shape)
+            or any(
+                want is not None and want != got for want, got in zip(self.shape, dims, strict=True)
+            )
         ):
             raise invalid_argument(
                 f"{self.where()} must have shape {shape_text(self.shape)}, got {shape_text(dims)}"
@@ -75,6 +81,8 @@ class InputSpec:
 
 
 def shape_text(shape) -> str:
+    if shape is None:
+        return "[any rank]"
     return "[" + ", ".join("?" if dim is None else str(dim) for dim in shape) + "]"
 
 
@@ -86,10 +94,16 @@ def dtype_name(enum: int) -> str:
 
 
 def decode_tensor(
-    proto: tensor_pb2.TensorProto, spec: InputSpec, max_batch_size: int, max_dim_size: int
+    proto: tensor_pb2.TensorProto,
+    spec: InputSpec,
+    max_batch_size: int,
+    max_dim_size: int,
+    max_string_bytes: int = DEFAULT_MAX_STRING_BYTES,
 ) -> np.ndarray:
     """A request's TensorProto as an array of the spec's dtype and shape, or INVALID_ARGUMENT.
-    Nothing proportional to the declared shape is allocated before the shape is accepted."""
+    Nothing proportional to the declared shape is allocated before the shape is accepted.
+    DT_STRING comes back as an object array of bytes (what Session.run takes), each element
+    at most `max_string_bytes`."""
     if proto.dtype != spec.dtype_enum:
         raise invalid_argument(
             f"{spec.where()} must be {dtype_name(spec.dtype_enum)}, got {dtype_name(proto.dtype)}"
@@ -99,6 +113,8 @@ def decode_tensor(
     dims = tuple(dim.size for dim in proto.tensor_shape.dim)
     spec.check_shape(dims, max_batch_size, max_dim_size)
     count = math.prod(dims)
+    if spec.dtype_enum == types_pb2.DT_STRING:
+        return _decode_strings(proto, spec, dims, count, max_string_bytes)
     known = _DTYPES.get(spec.dtype_enum)
     if known is None:  # strings and rarer types: shape already bounded, so TF may expand it
         try:
@@ -127,10 +143,62 @@ def decode_tensor(
     return filled.reshape(dims)
 
 
+def _decode_strings(
+    proto: tensor_pb2.TensorProto, spec: InputSpec, dims, count: int, max_string_bytes: int
+) -> np.ndarray:
+    """string_val (already in memory, bounded by the message size) -> object array of bytes;
+    the element count is checked against the accepted shape before the array is built."""
+    if proto.tensor_content:
+        raise invalid_argument(
+            f"{spec.where()}: a DT_STRING tensor sends its values in string_val, not tensor_content"
+        )
+    values = proto.string_val
+    given = len(values)
+    if given > count:
+        raise invalid_argument(
+            f"{spec.where()}: {given} values for shape {shape_text(dims)} ({count} elements)"
+        )
+    longest = max(map(len, values), default=0)
+    if longest > max_string_bytes:
+        raise invalid_argument(
+            f"{spec.where()}: a string of {longest} bytes exceeds this server's limit of "
+            f"{max_string_bytes} bytes per element (--max-string-bytes)"
+        )
+    array = np.empty(count, STRING_DTYPE)
+    if given:
+        array[:given] = list(values)
+        array[given:] = values[-1]  # as TF's parsing: the last value repeated
+    else:
+        array[:] = b""
+    return array.reshape(dims)
+
+
+def check_strings(array: np.ndarray, spec: InputSpec, max_string_bytes: int) -> None:
+    """Every element of an object array built elsewhere (REST) is bytes within the limit."""
+    longest = 0
+    for value in array.flat:
+        if not isinstance(value, bytes):
+            raise invalid_argument(f"{spec.where()} must hold strings, got {type(value).__name__}")
+        longest = max(longest, len(value))
+    if longest > max_string_bytes:
+        raise invalid_argument(
+            f"{spec.where()}: a string of {longest} bytes exceeds this server's limit of "
+            f"{max_string_bytes} bytes per element (--max-string-bytes)"
+        )
+
+
 def encode_tensor(array: np.ndarray, proto: tensor_pb2.TensorProto) -> None:
     """Fill `proto` in place with what `tf.make_tensor_proto(array)` returns (dtype, shape,
-    little-endian tensor_content): a tenth of its cost and no CopyFrom, for the dtypes the
-    signatures return; anything else goes through tf.make_tensor_proto."""
+    little-endian tensor_content; string_val for strings): a tenth of its cost and no
+    CopyFrom, for the dtypes the signatures return; anything else goes through
+    tf.make_tensor_proto."""
+    if array.dtype == STRING_DTYPE or array.dtype.kind == "S":
+        proto.dtype = types_pb2.DT_STRING
+        dims = proto.tensor_shape.dim
+        for size in array.shape:
+            dims.add().size = size
+        proto.string_val.extend(array.ravel().tolist())
+        return
     enum = _ENUM_BY_DTYPE.get(array.dtype)
     if enum is None or array.dtype.byteorder == ">":
         proto.CopyFrom(tf.make_tensor_proto(array))

@@ -66,7 +66,7 @@ def rss_bytes() -> int:
     return 0
 
 
-def raw_proto(dims: list[int], dtype=types_pb2.DT_INT32, **values) -> tensor_pb2.TensorProto:
+def raw_proto(dims: list[int], dtype=types_pb2.DT_INT64, **values) -> tensor_pb2.TensorProto:
     proto = tensor_pb2.TensorProto(dtype=dtype, **values)
     for size in dims:
         proto.tensor_shape.dim.add().size = size
@@ -86,25 +86,25 @@ def raw_request(signature: str, inputs: dict[str, tensor_pb2.TensorProto]):
 
 HUGE = {
     "batch of 5e8 with one value": (
-        raw_request("", {F.USER_ID: raw_proto([500_000_000], int_val=[1])}),
+        raw_request("", {F.USER_ID: raw_proto([500_000_000], int64_val=[1])}),
         "batch of 500000000 exceeds this server's limit of 4096 (--max-batch-size)",
     ),
     "batch of 2^40": (
-        raw_request("", {F.USER_ID: raw_proto([2**40], int_val=[1])}),
+        raw_request("", {F.USER_ID: raw_proto([2**40], int64_val=[1])}),
         "--max-batch-size",
     ),
     "second dimension of 1e8": (
         raw_request(
             "retrieve_excluding",
             {
-                F.USER_ID: raw_proto([1], int_val=[1]),
-                F.EXCLUDED_MOVIE_IDS: raw_proto([1, 100_000_000], int_val=[0]),
+                F.USER_ID: raw_proto([1], int64_val=[1]),
+                F.EXCLUDED_MOVIE_IDS: raw_proto([1, 100_000_000], int64_val=[0]),
             },
         ),
         "dimension 1 of size 100000000 exceeds this server's limit of 4096 (--max-dim-size)",
     ),
     "negative dimension": (
-        raw_request("", {F.USER_ID: raw_proto([-3], int_val=[1])}),
+        raw_request("", {F.USER_ID: raw_proto([-3], int64_val=[1])}),
         "negative",
     ),
     "unknown rank": (
@@ -112,7 +112,7 @@ HUGE = {
             "",
             {
                 F.USER_ID: tensor_pb2.TensorProto(
-                    dtype=types_pb2.DT_INT32, tensor_shape={"unknown_rank": True}, int_val=[1]
+                    dtype=types_pb2.DT_INT64, tensor_shape={"unknown_rank": True}, int64_val=[1]
                 )
             },
         ),
@@ -120,14 +120,14 @@ HUGE = {
     ),
     "content shorter than the shape": (
         raw_request("", {F.USER_ID: raw_proto([4], tensor_content=b"\x01\x00\x00\x00")}),
-        "tensor_content holds 4 bytes, shape [4] needs 16",
+        "tensor_content holds 4 bytes, shape [4] needs 32",
     ),
     "more values than the shape": (
-        raw_request("", {F.USER_ID: raw_proto([1], int_val=[1, 2, 3])}),
+        raw_request("", {F.USER_ID: raw_proto([1], int64_val=[1, 2, 3])}),
         "3 values for shape [1]",
     ),
     "rank 2 for rank 1": (
-        raw_request("", {F.USER_ID: raw_proto([1, 1], int_val=[1])}),
+        raw_request("", {F.USER_ID: raw_proto([1, 1], int64_val=[1])}),
         "must have shape [?], got [1, 1]",
     ),
 }
@@ -149,10 +149,10 @@ def test_declared_sizes_are_refused_before_decoding(stub, case):
     "proto",
     [
         tf.make_tensor_proto(np.asarray([[1, 2], [3, 4]], np.int32)),
-        raw_proto([2, 2], int_val=[1, 2, 3, 4]),
-        raw_proto([3], int_val=[7]),  # TF repeats the last value
-        raw_proto([2], int_val=[]),  # ... and zero-fills when none is given
-        raw_proto([0, 5]),
+        raw_proto([2, 2], types_pb2.DT_INT32, int_val=[1, 2, 3, 4]),
+        raw_proto([3], types_pb2.DT_INT32, int_val=[7]),  # TF repeats the last value
+        raw_proto([2], types_pb2.DT_INT32, int_val=[]),  # ... and zero-fills when none is given
+        raw_proto([0, 5], types_pb2.DT_INT32),
     ],
 )
 def test_decode_tensor_equals_make_ndarray(proto):
@@ -189,7 +189,9 @@ def test_retrieve_k_over_grpc_and_rest(stub, server, saved_model):
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert f"k must be in 1..{F.MAX_REQUEST_K}" in caught.value.details()
     with pytest.raises(grpc.RpcError) as caught:
-        stub.Predict(predict_request("retrieve_k", {F.USER_ID: ids(1), F.K: ids(3)}))
+        stub.Predict(
+            predict_request("retrieve_k", {F.USER_ID: ids(1), F.K: np.asarray([3], np.int32)})
+        )
     assert "must have shape [], got [1]" in caught.value.details()
     status, body, _ = call_rest(
         server,
@@ -251,7 +253,13 @@ def test_rest_errors_are_json(server):
         ("POST", path + ":predict", b"[" * 100_000 + b"]" * 100_000, 400),
         ("POST", path + ":predict", {"signature_name": {"a": 1}, "instances": [1]}, 400),
         ("POST", path + ":predict", {"instances": [[1] * 5000]}, 400),
-        ("POST", path + ":predict", {"instances": [2**40]}, 400),
+        ("POST", path + ":predict", {"instances": [2**64]}, 400),
+        (
+            "POST",
+            path + ":predict",
+            {"signature_name": "rank", "instances": [{"user_id": 1, "movie_id": 999}]},
+            400,
+        ),
         ("POST", path + ":classify", {"examples": []}, 501),
     ]
     for method, where, body, expected in cases:
@@ -375,7 +383,7 @@ def test_probes_follow_the_loaded_versions(export, tmp_path):
 def test_prometheus_metrics(server, stub):
     stub.Predict(predict_request("rank", {F.USER_ID: ids(1, 2), F.MOVIE_ID: ids(3, 4)}))
     with pytest.raises(grpc.RpcError):
-        stub.Predict(predict_request("", {F.USER_ID: ids(999)}))
+        stub.Predict(predict_request("rank", {F.USER_ID: ids(1), F.MOVIE_ID: ids(999)}))
     call_rest(server, "POST", f"/v1/models/{MODEL}:predict", {"instances": [1]})
     status, text, headers = call_rest(server, "GET", "/monitoring/prometheus/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")
@@ -383,7 +391,7 @@ def test_prometheus_metrics(server, stub):
     for line in (
         'mtrec_serving_requests_total{api="grpc",model="mtrec",signature="rank",status="OK",'
         'version="1"}',
-        'mtrec_serving_requests_total{api="grpc",model="mtrec",signature="serving_default",'
+        'mtrec_serving_requests_total{api="grpc",model="mtrec",signature="rank",'
         'status="INVALID_ARGUMENT",version="1"}',
         'mtrec_serving_requests_total{api="rest",model="mtrec",signature="serving_default",'
         'status="OK",version="1"}',
