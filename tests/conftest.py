@@ -166,6 +166,15 @@ def small_saved_model(tmp_path_factory, small_examples) -> str:
     return path
 
 
+def rss_bytes() -> int:
+    """This process's resident memory (Linux), for tests that a request costs none."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def free_port() -> int:
     import socket
 

@@ -25,6 +25,7 @@ from serving.cli import add_query_arguments, add_serve_arguments, query_main, se
 from serving.client import RecommenderClient, load_titles
 from serving.server import ModelServer, ServerConfig
 from serving.tensors import InputSpec, decode_tensor
+from tests.conftest import rss_bytes
 
 MB = 1024 * 1024
 STRING_USERS = ["alice", "bob"]
@@ -248,14 +249,6 @@ def raw_strings(dims: list[int], values: list[bytes]) -> tensor_pb2.TensorProto:
     for size in dims:
         proto.tensor_shape.dim.add().size = size
     return proto
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ from tensorflow_serving.config import model_server_config_pb2
 from components import features as F
 from serving.cli import add_serve_arguments, serve_main
 from serving.tensors import InputSpec, decode_tensor
+from tests.conftest import rss_bytes
 from tests.test_serving import MODEL, build_export, ids, predict_request, start_server, wait_for
 
 MB = 1024 * 1024
@@ -56,14 +57,6 @@ def server(export):
 def stub(server):
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         yield prediction_service_pb2_grpc.PredictionServiceStub(channel)
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def raw_proto(dims: list[int], dtype=types_pb2.DT_INT64, **values) -> tensor_pb2.TensorProto:
