@@ -328,7 +328,13 @@ class Recommender(keras.Model):
             sampled_ids = self._sample_negative_ids()
             column_ids = ops.concatenate([movie_ids, sampled_ids], axis=0)
             columns = ops.concatenate([movie, self._movie_vector(sampled_ids)], axis=0)
-        logits = ops.matmul(user, ops.transpose(columns)) / config.temperature
+        # The temperature divides the [batch, dim] queries, not the [batch, columns] logits.
+        query = user / config.temperature
+        logits = ops.matmul(query, ops.transpose(columns))
+        # Row i's positive is column i, computed as a row-wise dot product: slicing it out of
+        # the logits (diag_part of logits[:, :batch]) costs a dense [batch, columns] gradient,
+        # ~30% of the training step on CPU.
+        positive = ops.sum(query * movie, axis=1)
         if config.sampling_correction_weight:
             if config.retrieval_negatives == "mixed":
                 expected = ops.cast(batch, "float32") * ops.take(
@@ -337,12 +343,13 @@ class Recommender(keras.Model):
                 log_q = ops.log(ops.maximum(expected, 1e-9))
             else:
                 log_q = ops.take(self._log_sampling_probability, column_ids)
-            logits = logits - config.sampling_correction_weight * log_q[None, :]
-        # Row i's positive is column i. Cross-entropy without a one-hot label matrix:
-        # logsumexp over the row (accidental hits, other columns holding the row's own movie,
-        # masked out) minus the positive's logit. (keras-rs 0.4.0's RemoveAccidentalHits adds
-        # a tiny positive number instead of a large negative one: it leaves logits unchanged.)
-        positive = tf.linalg.diag_part(logits[:, :batch])
+            correction = config.sampling_correction_weight * log_q
+            logits = logits - correction[None, :]
+            positive = positive - correction[:batch]
+        # Cross-entropy without a one-hot label matrix: logsumexp over the row (accidental
+        # hits, other columns holding the row's own movie, masked out) minus the positive's
+        # logit. (keras-rs 0.4.0's RemoveAccidentalHits adds a tiny positive number instead of
+        # a large negative one: it leaves logits unchanged.)
         if config.remove_accidental_hits:
             same = ops.equal(movie_ids[:, None], column_ids[None, :])
             others = ops.logsumexp(ops.where(same, EXCLUDED_SCORE, logits), axis=1)
