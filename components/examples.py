@@ -213,6 +213,8 @@ def make_dataset(
             tf.gather(ratings, rows),
         )
     )
+    # flat_map hides the number of batches, which Keras needs to end an epoch without warnings.
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
