@@ -280,7 +280,10 @@ class EASE:
             raise ValueError(f"lambda must be > 0, got {lam}")
         self.lam = float(lam)
         eigenvalues, eigenvectors = self._eigen
-        p = (eigenvectors / (eigenvalues + self.lam)) @ eigenvectors.T
+        # V diag(1 / (e + lam)) V^T as S S^T with S = V / sqrt(e + lam): numpy runs a product
+        # with its own transpose as one symmetric rank-k update, half a general product's work.
+        scaled = eigenvectors / np.sqrt(eigenvalues + self.lam)
+        p = scaled @ scaled.T
         b = -p / np.diag(p)
         b[np.diag_indices_from(b)] = 0.0
         self.weights = b
