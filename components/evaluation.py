@@ -10,6 +10,7 @@ over test movies rated >= 4, the seed's own metric (seen included), and RMSE (no
 stars). Baselines computed on the same split: popularity, global mean, a user+item bias model.
 """
 
+import importlib
 import json
 import logging
 import os
@@ -328,6 +329,7 @@ def evaluate(
     # loading and scoring (TensorFlow ops): each waits less for the other on a few cores.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="baselines") as pool:
         pending = pool.submit(evaluate_baselines, train, validation, test, num_rows, explicit)
+        pool.submit(importlib.import_module, "components.report")  # matplotlib, for the report
         candidate = ServedModel(model_dir, vocabularies)
         model = score_served_model(candidate, seen, test, train)
         baselines, notes = pending.result()
