@@ -38,6 +38,7 @@ from components.config import GateConfig
 from components.errors import DataError
 from components.examples import load_columns, load_stats
 from components.gates import Gate, all_passed, build_gates
+from components.ingestion import ML_100K
 from components.layout import latest_version_path
 from components.saved_model import ServedModel, read_history, read_metadata
 from components.vocabulary import load_vocabularies
@@ -108,6 +109,8 @@ class EvaluationResult:
     hit_curves: dict[str, np.ndarray] = field(default_factory=dict)
     slices: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # The seed notebook's published figures: shown only for the data they were measured on.
+    reference: dict[str, Any] | None = None
 
     @property
     def blessed(self) -> bool:
@@ -120,20 +123,27 @@ class EvaluationResult:
             "metrics": self.metrics,
         }
 
+    def metrics_json(self) -> dict[str, Any]:
+        """metrics.json's content."""
+        out = {"model": self.metrics, "baselines": self.baselines, "previous": self.previous}
+        if self.reference:
+            out["reference"] = self.reference
+        return out
+
     def table(self) -> list[dict[str, Any]]:
-        return table_rows(
-            {"model": self.metrics, "baselines": self.baselines, "previous": self.previous}
-        )
+        return table_rows(self.metrics_json())
 
 
 def table_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows of the report from metrics.json's content: model, baselines, previous model, seed."""
+    """Rows of the report from metrics.json's content: model, baselines, previous model, and
+    the seed's published figures when the data is theirs (ML-100k)."""
     rows = [{"system": "model", **metrics["model"]}]
     rows += [{"system": f"baseline: {k}", **v} for k, v in metrics["baselines"].items()]
     previous = metrics.get("previous")
     if previous:
         rows.append({"system": f"previous blessed (v{previous['version']})", **previous["metrics"]})
-    rows.append(dict(SEED_REFERENCE))
+    if metrics.get("reference"):
+        rows.append(dict(metrics["reference"]))
     return rows
 
 
@@ -368,6 +378,7 @@ def evaluate(
         {name: scored.curve for name, scored in ranked.items()},
         sliced_tables({name: scored.top for name, scored in ranked.items()}, train, test),
         notes,
+        dict(SEED_REFERENCE) if stats.get("layout", ML_100K.name) == ML_100K.name else None,
     )
 
 
@@ -381,11 +392,7 @@ def write_evaluation(
 
     with storage.atomic_output_dir(out_dir) as staging:
         with open(os.path.join(staging, F.METRICS_FILE), "w", encoding="utf-8") as handle:
-            json.dump(
-                {"model": result.metrics, "baselines": result.baselines, "previous": result.previous},
-                handle,
-                indent=2,
-            )
+            json.dump(result.metrics_json(), handle, indent=2)
         with open(os.path.join(staging, F.BLESSING_FILE), "w", encoding="utf-8") as handle:
             json.dump(result.blessing(), handle, indent=2)
         names = write_report(

@@ -129,6 +129,7 @@ def test_string_ids_end_to_end_through_grpc_and_query(tmp_path, capsys):
     )
     result = run_local(config)
     assert result.blessed and result.model_path
+    assert "reference" not in result.metrics  # the seed's ML-100k figures: not for this data
     server = ModelServer(
         ServerConfig(str(tmp_path / "out" / "serving"), "mtrec", host="127.0.0.1", port=0, rest_port=-1)
     ).start()
