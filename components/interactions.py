@@ -111,6 +111,8 @@ def read_table_rows(path: str, source: str) -> tuple[list[str], Iterator[tuple[i
 
 
 def _column_index(names: list[str], wanted: str, source: str, required: bool) -> int | None:
+    if names.count(wanted) > 1:
+        raise DataError(f"{source}: column {wanted!r} appears {names.count(wanted)} times")
     if wanted in names:
         return names.index(wanted)
     if required:

@@ -77,6 +77,7 @@ def test_duplicate_rows_keep_the_newest(tmp_path):
         ("user_id,item_id,rating\na,x\n", r"line 2: expected 3 fields \(the header's\), got 2"),
         ("user,item_id,rating\na,x,1\n", r"no column 'user_id' \(columns: user, item_id, rating\)"),
         ("user_id,item_id,rating\n", r"no interaction rows"),
+        ("user_id,item_id,user_id\na,x,b\n", r"column 'user_id' appears 2 times"),
         (b"user_id,item_id,rating\n\xff,x,1\n", r"line 2: not valid UTF-8"),
     ],
 )
