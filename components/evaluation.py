@@ -479,8 +479,4 @@ def split_description(stats: dict[str, Any]) -> str:
 
 
 def read_blessing(blessing_dir: str) -> dict[str, Any]:
-    path = os.path.join(blessing_dir, F.BLESSING_FILE)
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: not found (expected an evaluation output)")
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    return storage.read_json(os.path.join(blessing_dir, F.BLESSING_FILE), "an evaluation output")

@@ -6,7 +6,6 @@ reader live here together; the writer encodes the Examples itself (a fixed, tiny
 Beam job does not import TensorFlow, and the reader imports TensorFlow only when called.
 """
 
-import json
 import os
 import struct
 from typing import Any
@@ -15,6 +14,7 @@ import numpy as np
 
 from components import features as F
 from components.errors import DataError
+from components.storage import read_json
 
 # Feature name -> "int" (int64_list) or "float" (float_list); one value each.
 SCHEMA: dict[str, str] = {
@@ -143,11 +143,7 @@ def split_files(examples_dir: str, split: str) -> list[str]:
 
 def load_stats(examples_dir: str) -> dict[str, Any]:
     """stats.json: written last, so its presence marks a complete preprocessing output."""
-    path = os.path.join(examples_dir, F.STATS_FILE)
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: not found (expected a preprocessing output)")
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    return read_json(os.path.join(examples_dir, F.STATS_FILE), "a preprocessing output")
 
 
 def feature_spec() -> dict:

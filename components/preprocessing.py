@@ -371,12 +371,12 @@ class SplitRatings(beam.PTransform):
                 return chunk
             return _rows(chunk, (chunk["keys"] >> shift) > np.uint64(bucket))
 
-        boundary = reads["second"] | "CutBucketRows" >> beam.FlatMap(boundary_rows, cuts)
-        thresholds = (
-            boundary
+        cut_rows = (
+            reads["second"]
+            | "CutBucketRows" >> beam.FlatMap(boundary_rows, cuts)
             | "CollectCutRows" >> beam.combiners.ToList()
-            | "Thresholds" >> beam.Map(thresholds_of, cuts)
         )
+        thresholds = cut_rows | "Thresholds" >> beam.Map(thresholds_of, cuts)
         counts = (
             reads["second"]
             | "SurelyTrain" >> beam.Map(surely_train, cuts)
@@ -393,7 +393,7 @@ class SplitRatings(beam.PTransform):
 
         train_counts = counts | "CountBoundaryTrain" >> beam.Map(
             add_boundary_train,
-            beam.pvalue.AsList(boundary),
+            beam.pvalue.AsSingleton(cut_rows),
             beam.pvalue.AsSingleton(thresholds),
         )
         return {"thresholds": thresholds, "train_counts": train_counts}

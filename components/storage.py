@@ -12,6 +12,7 @@ mistake for its input.
 """
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
@@ -70,6 +71,15 @@ def isfile(path: str) -> bool:
     if is_remote(path):
         fs.invalidate_cache()
     return bool(fs.isfile(inner))
+
+
+def read_json(path: str, expected: str) -> Any:
+    """A local JSON file an earlier stage wrote; a DataError naming the file and the `expected`
+    output when it is missing."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: not found (expected {expected})")
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
 
 
 def read_bytes(path: str) -> bytes:
