@@ -311,11 +311,16 @@ class Recommender(keras.Model):
         return ops.mean(per_row)
 
     def _full_softmax_loss(self, user, movie_ids):
-        """Cross-entropy over every candidate: no sampling, hence no sampling-bias correction."""
+        """Cross-entropy over every candidate: no sampling, hence no sampling-bias correction.
+        A row whose movie is no candidate (rated only outside the training split, so
+        out-of-vocabulary, e.g. in validation) has no label among the columns: it adds 0."""
         candidates = self._movie_vector(self._candidates)
         logits = ops.matmul(user, ops.transpose(candidates)) / self.config.temperature
         labels = ops.take(self._candidate_position, movie_ids)
-        return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+        per_row = keras.losses.sparse_categorical_crossentropy(
+            ops.maximum(labels, 0), logits, from_logits=True
+        )
+        return ops.where(labels >= 0, per_row, 0.0)
 
     def _sampled_softmax_loss(self, user, movie, movie_ids):
         """In-batch negatives (popularity-distributed), optionally mixed with uniform samples;
@@ -453,9 +458,15 @@ class Recommender(keras.Model):
             scores, ids = scores[:, :k], ids[:, :k]
         if cold is None:
             return scores, ids
-        popular_scores, popular_ids = self.popular(tf.shape(user_ids)[0], excluded, k)
         cold = tf.reshape(tf.cast(cold, tf.bool), [-1, 1])
-        return tf.where(cold, popular_scores, scores), tf.where(cold, popular_ids, ids)
+
+        def with_popular():
+            popular_scores, popular_ids = self.popular(tf.shape(user_ids)[0], excluded, k)
+            return tf.where(cold, popular_scores, scores), tf.where(cold, popular_ids, ids)
+
+        # Most requests are of known users: the popular top-k (a second sort over the whole
+        # catalogue per row) runs only when a row needs it.
+        return tf.cond(tf.reduce_any(cold), with_popular, lambda: (scores, ids))
 
     def popular(self, batch, excluded, k: int):
         """Top-k candidates by share of training ratings (the cold-start answer)."""

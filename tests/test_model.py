@@ -143,6 +143,18 @@ def test_full_softmax_loss_is_cross_entropy_over_all_candidates():
     assert loss == pytest.approx(_softmax_ce(logits, labels).mean(), rel=1e-5)
 
 
+def test_full_softmax_loss_skips_movies_that_are_no_candidates():
+    """Validation rows may hold a movie rated only outside train (no candidate): no crash,
+    and such a row adds nothing."""
+    model, users, movies, _ = _tiny_model(retrieval_negatives="full", temperature=0.5)
+    out = model(_pair_inputs(np.array([1, 3]), np.array([2, 4])))
+    per_row = model._full_softmax_loss(out["user_embedding"], tf.constant([2, 4], tf.int32))
+    candidates = np.array([1, 2, 3, 5])
+    logits = users[[1]] @ movies[candidates].T / 0.5
+    expected = _softmax_ce(logits, (candidates == 2)[None, :].astype(float))[0]
+    assert per_row.numpy() == pytest.approx([expected, 0.0], rel=1e-5)
+
+
 def test_mixed_negatives_loss_matches_hand_computation(monkeypatch):
     model, users, movies, counts = _tiny_model(
         retrieval_negatives="mixed",
