@@ -35,6 +35,8 @@ class Recommendation(NamedTuple):
     title: str | None  # None when no catalogue was given or the id is not in it
     score: float  # retrieval score (higher is better)
     stars: float | None  # predicted rating, 1..5; None when the model has no `rank` signature
+    # The user is unknown to the model: these are the training data's most rated movies.
+    cold_start: bool = False
 
 
 class Retrieval(NamedTuple):
@@ -344,9 +346,14 @@ class RecommenderClient:
         if ids.size == 0:
             return []
         stars = self.rank([user_id] * ids.size, ids).stars if ranks else [None] * ids.size
+        cold = retrieved.cold_start is not None and bool(retrieved.cold_start[0])
         recommendations = [
             Recommendation(
-                _python_id(m), self._title(_python_id(m)), float(s), None if r is None else float(r)
+                _python_id(m),
+                self._title(_python_id(m)),
+                float(s),
+                None if r is None else float(r),
+                cold,
             )
             for m, s, r in zip(ids, scores, stars, strict=True)
         ]
@@ -410,6 +417,11 @@ def format_recommendations(
     """The seed's last cell, as text: rank, title and predicted stars per movie."""
     scope = "rated movies included" if include_seen else "movies the user rated excluded"
     lines = [f"Top {len(recommendations)} movies for user {user_id} ({scope}):"]
+    if any(rec.cold_start for rec in recommendations):
+        lines[0] = (
+            f"User {user_id} is unknown to the model (cold start): the {len(recommendations)} "
+            f"most rated movies of its training data ({scope}):"
+        )
     width = max((len(r.title or f"movie {r.movie_id}") for r in recommendations), default=0)
     for rank, rec in enumerate(recommendations, start=1):
         title = rec.title or f"movie {rec.movie_id}"

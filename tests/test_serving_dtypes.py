@@ -22,7 +22,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from components import features as F
 from components.errors import MtrecError
 from serving.cli import add_query_arguments, add_serve_arguments, query_main, serve_main
-from serving.client import RecommenderClient, load_titles
+from serving.client import RecommenderClient, format_recommendations, load_titles
 from serving.server import ModelServer, ServerConfig
 from serving.tensors import InputSpec, decode_tensor
 from tests.conftest import rss_bytes
@@ -371,6 +371,10 @@ def test_client_sends_ids_as_each_signature_declares(strings, int64):
         np.testing.assert_allclose(client.rank(["alice"], ["m-2"]).stars, [1 + 4 * 2 / 3])
         recommendations = client.recommend("alice", k=2)
         assert [r.movie_id for r in recommendations] == ["m-1", "m-2"]
+        assert not any(r.cold_start for r in recommendations)
+        cold = client.recommend("nobody", k=2)
+        assert [(r.movie_id, r.cold_start) for r in cold] == [("m-1", True), ("m-2", True)]
+        assert "unknown to the model (cold start)" in format_recommendations("nobody", cold, False)
         assert [round(r.stars, 3) for r in recommendations] == [5.0, round(1 + 8 / 3, 3)]
         with pytest.raises(MtrecError, match="unknown movie_id"):
             client.rank(["alice"], ["zz"])
