@@ -38,6 +38,7 @@ INIT_OP_SIGNATURE = "__saved_model_init_op"  # in the signature map, but not cal
 MAX_WARMUP_RECORDS = 1000  # TF Serving's limit
 _ASSERTION = re.compile(r"assertion failed: \[(?P<message>[^\]]*)\](?P<rest>.*)", re.DOTALL)
 _ASSERTED_VALUE = re.compile(r"\[x \((?P<tensor>[\w/]+):\d+\) = \] \[(?P<values>[^\]]*)\]")
+_ASSERT_DATA = re.compile(r"[ ]\[(?P<values>[^\]\[]*)\]")
 _NOISE = ("Graph execution error", "Detected at node", "<stack traces unavailable>")
 _STATUS_BY_VALUE = {status.value[0]: status for status in grpc.StatusCode}
 
@@ -66,10 +67,12 @@ def describe_tf_error(error: tf.errors.OpError, input_names: Iterable[str] = ())
     text = error.message or str(error)
     match = _ASSERTION.search(text)
     if match:
-        message = match["message"].strip()
+        message = match["message"].strip().replace("\\'", "'")
         value = _ASSERTED_VALUE.search(match["rest"])
         if value and value["tensor"] in set(input_names):
             message += f" (got {value['values'].strip()})"
+        elif data := _ASSERT_DATA.match(match["rest"]):  # tf.debugging.Assert's data: the
+            message += f" [{data['values'].strip()}]"  # offending values the graph selected
         return message
     for line in text.splitlines():
         line = line.split("\t [[", 1)[0].split(" [[", 1)[0].strip()

@@ -24,6 +24,7 @@ from components.errors import MtrecError
 from serving.cli import add_query_arguments, add_serve_arguments, query_main, serve_main
 from serving.client import RecommenderClient, format_recommendations, load_titles
 from serving.server import ModelServer, ServerConfig
+from serving.signatures import describe_tf_error
 from serving.tensors import InputSpec, decode_tensor
 from tests.conftest import rss_bytes
 
@@ -280,6 +281,27 @@ def test_string_sizes_are_refused_before_decoding(strings, inputs, text):
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and text in error.details()
     assert rss_bytes() - before < 100 * MB
     assert stub.Predict(request("strings", "", user_id=np.asarray([b"bob"], object)), timeout=10)
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        (  # tf.debugging.Assert with data (the export's unknown-movie check)
+            "assertion failed: [unknown movie_id (not in the model\\'s vocabulary):] [4242 7]"
+            "\n\t [[{{function_node Assert_AssertGuard_false_7601}}{{node Assert/Assert}}]]",
+            "unknown movie_id (not in the model's vocabulary): [4242 7]",
+        ),
+        (  # tf.debugging.assert_* on an input: its values
+            "assertion failed: [k must be in 1..100] [Condition x >= y did not hold] "
+            "[x (k:0) = ] [0] [y (Const:0) = ] [1]\n\t [[{{node assert}}]]",
+            "k must be in 1..100 (got 0)",
+        ),
+        ("indices[0] = 9 is not in [0, 3)\n\t [[{{node GatherV2}}]]", "indices[0] = 9 is not in [0, 3)"),
+    ],
+)
+def test_tf_errors_become_one_line_naming_the_values(raw, expected):
+    error = tf.errors.InvalidArgumentError(None, None, raw)
+    assert describe_tf_error(error, ["k"]) == expected
 
 
 @pytest.mark.parametrize(
