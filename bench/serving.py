@@ -148,12 +148,15 @@ class SessionCalls:
     calling thread. (This file is bench/serving.py, so `import serving` here would import
     itself; the few lines are repeated.)"""
 
-    def __init__(self, version_dir: str, inter_op_threads: int):
+    def __init__(self, version_dir: str, inter_op_threads: int, intra_op_threads: int = 0):
         from tensorflow.core.protobuf import config_pb2
         from tensorflow.python.util import deprecation
 
         graph = tf.Graph()
-        config = tf.compat.v1.ConfigProto(inter_op_parallelism_threads=inter_op_threads)
+        config = tf.compat.v1.ConfigProto(
+            inter_op_parallelism_threads=inter_op_threads,
+            intra_op_parallelism_threads=intra_op_threads,
+        )
         self.session = tf.compat.v1.Session(graph=graph, config=config)
         with graph.as_default(), deprecation.silence():
             meta_graph = tf.compat.v1.saved_model.loader.load(self.session, ["serve"], version_dir)
@@ -324,6 +327,7 @@ def start_server(args: argparse.Namespace, base: str) -> tuple[subprocess.Popen,
         *("--host", "127.0.0.1", "--port", "0", "--poll-seconds", "0"),
         *("--inter-op-threads", str(args.inter_op_threads), "--workers", str(args.workers)),
         "--batching" if args.batching else "--no-batching",
+        *(("--intra-op-threads", str(args.intra_op_threads)) if args.intra_op_threads else ()),
     ]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=REPO)
     line = _wait_for_start(process)
@@ -507,6 +511,9 @@ def main() -> None:
         "--inter-op-threads", type=int, default=1, help="server and in-process alike"
     )
     parser.add_argument(
+        "--intra-op-threads", type=int, default=0, help="server's (0: its default)"
+    )
+    parser.add_argument(
         "--workers", type=int, default=0, help="server gRPC threads (0: its default)"
     )
     parser.add_argument(
@@ -545,7 +552,7 @@ def main() -> None:
         info = json.load(handle)
     session = args.in_process == "session"
     if session:
-        calls = SessionCalls(version_dir, args.inter_op_threads)
+        calls = SessionCalls(version_dir, args.inter_op_threads, args.intra_op_threads)
     else:
         saved_model = tf.saved_model.load(version_dir)
     inputs = workloads(info["num_users"], info["num_movies"], input_dtypes(version_dir))
