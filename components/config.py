@@ -156,6 +156,9 @@ class TrainingConfig(_Section):
     # (the GMF/NCF interaction a plain MLP on [user, movie] learns poorly).
     rating_product_feature: bool = False
     rating_dropout: float = 0.0  # dropout after each hidden layer of the rating head
+    rating_input_dropout: float = 0.0  # dropout on the rating head's input (the embeddings)
+    # Rating heads from different initial weights, their predictions averaged.
+    rating_heads: int = 1
     use_bias_terms: bool = True  # learned global, user and movie biases in the rating head
     embedding_l2: float = (
         1e-3  # L2 on both embedding tables: helps hit@10 and RMSE (bench/quality.py)
@@ -200,6 +203,9 @@ class TrainingConfig(_Section):
     learning_rate_schedule: str = "cosine"
     final_learning_rate_fraction: float = 0.0
     weight_decay: float = 0.0  # decoupled (AdamW-style) weight decay, any optimizer
+    # Weight averaging: the model ends with an exponential moving average of its weights over
+    # the steps (this momentum per step; 0 = the last step's weights).
+    ema_momentum: float = 0.0
     batch_size: int = 1024
     epochs: int = 8
     shuffle_seed: int = 42
@@ -229,8 +235,11 @@ class TrainingConfig(_Section):
             raise ConfigError("sampled_negatives, rating_embedding_dim, rerank_pool must be >= 0")
         if self.retrieval_negatives == "mixed" and self.sampled_negatives == 0:
             raise ConfigError("retrieval_negatives='mixed' needs sampled_negatives > 0")
-        if not 0.0 <= self.rating_dropout < 1.0:
-            raise ConfigError(f"rating_dropout must be in [0, 1), got {self.rating_dropout}")
+        for name in ("rating_dropout", "rating_input_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.rating_heads < 1:
+            raise ConfigError(f"rating_heads must be >= 1, got {self.rating_heads}")
         if self.disliked_retrieval_weight < 0:
             raise ConfigError("disliked_retrieval_weight must be >= 0")
         if self.user_history_pooling not in HISTORY_POOLINGS:
@@ -245,6 +254,8 @@ class TrainingConfig(_Section):
             )
         if not 0.0 <= self.final_learning_rate_fraction <= 1.0:
             raise ConfigError("final_learning_rate_fraction must be in [0, 1]")
+        if not 0.0 <= self.ema_momentum < 1.0:
+            raise ConfigError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}")
 
 
 @dataclass(frozen=True)
