@@ -18,8 +18,19 @@ from bench.quality import K, carve_validation, fit_model, load_splits, model_met
 from components.config import DEFAULT_TRAINING, TrainingConfig
 from components.evaluation import topk_metrics
 
+# The default of issue 12 (8 epochs at 1e-2), rebuilt from today's default.
+EIGHT = DEFAULT_TRAINING.replace(
+    ema_momentum=0.0,
+    final_learning_rate_fraction=0.0,
+    bias_l2=0.0,
+    ranking_weight=10.0,
+    rating_hidden_units=(64,),
+    rating_heads=1,
+    sampled_negatives=1024,
+    rerank_rating_weight=3.0,
+)
 # The default before issue 10 (the sweep's starting point), rebuilt from today's default.
-BASE = DEFAULT_TRAINING.replace(
+BASE = EIGHT.replace(
     retrieval_negatives="in-batch",
     sampled_negatives=0,
     disliked_retrieval_weight=1.0,
@@ -80,6 +91,56 @@ LEVERS |= {
     "mix-liked-cos20-hist": MIX.replace(
         learning_rate_schedule="cosine", epochs=20, user_history_pooling="sqrtn"
     ),
+}
+
+# Issue 10's RMSE target: levers on the 8-epoch default (`eight`).
+EMA = EIGHT.replace(ema_momentum=0.99, final_learning_rate_fraction=0.3)
+EMA_BIAS = EMA.replace(bias_l2=1e-3)
+LEVERS |= {
+    "eight": EIGHT,
+    "eight-ema0.99": EIGHT.replace(ema_momentum=0.99),
+    "eight-ema0.995": EIGHT.replace(ema_momentum=0.995),
+    "eight-final0.3": EIGHT.replace(final_learning_rate_fraction=0.3),
+    "ema": EMA,
+    "ema-final0.5": EMA.replace(final_learning_rate_fraction=0.5),
+    "ema-final1": EMA.replace(final_learning_rate_fraction=1.0),
+    "ema-m0.98": EMA.replace(ema_momentum=0.98),
+    "ema-rw20": EMA.replace(ranking_weight=20.0),
+    "ema-h128": EMA.replace(rating_hidden_units=(128,)),
+    "ema-l2-2e-3": EMA.replace(embedding_l2=2e-3),
+    "ema-product": EMA.replace(rating_product_feature=True),
+    "ema-bias1e-3": EMA_BIAS,
+    "ema-bias1e-2": EMA.replace(bias_l2=1e-2),
+    "ema-bias-h128": EMA_BIAS.replace(rating_hidden_units=(128,)),
+    "ema-bias-heads3": EMA_BIAS.replace(rating_heads=3),
+    "ema-bias-indrop0.1": EMA_BIAS.replace(rating_input_dropout=0.1),
+    "ema-bias-h128-heads3": EMA_BIAS.replace(rating_hidden_units=(128,), rating_heads=3),
+    "ema-bias-h128-rw20-heads3": EMA_BIAS.replace(
+        rating_hidden_units=(128,), ranking_weight=20.0, rating_heads=3
+    ),
+    "ema-bias-h256-rw20-heads3": EMA_BIAS.replace(
+        rating_hidden_units=(256,), ranking_weight=20.0, rating_heads=3
+    ),
+    "ema-bias-h256-rw20-heads5": EMA_BIAS.replace(
+        rating_hidden_units=(256,), ranking_weight=20.0, rating_heads=5
+    ),
+    "ema-bias-h512-rw20": EMA_BIAS.replace(rating_hidden_units=(512,), ranking_weight=20.0),
+    "ema-bias-h1024-rw20-heads3": EMA_BIAS.replace(
+        rating_hidden_units=(1024,), ranking_weight=20.0, rating_heads=3
+    ),
+}
+# The first pick (3 heads), then 2048 uniform negatives and rerank weight 2 for recall@10.
+PICK = EMA_BIAS.replace(rating_hidden_units=(256,), ranking_weight=20.0, rating_heads=3)
+PICK_RECALL = PICK.replace(sampled_negatives=2048, rerank_rating_weight=2.0)
+LEVERS |= {
+    "pick": PICK,
+    "pick-n2048": PICK.replace(sampled_negatives=2048),
+    "pick-w2": PICK.replace(rerank_rating_weight=2.0),
+    "pick-n2048-w2": PICK_RECALL,
+    "pick-n2048-w2-heads5": PICK_RECALL.replace(rating_heads=5),
+    "pick-n2048-w2-bias3e-3": PICK_RECALL.replace(bias_l2=3e-3),
+    "pick-n2048-w2-h512": PICK_RECALL.replace(rating_hidden_units=(512,)),
+    "pick-n2048-w2-heads5-bias3e-3": PICK_RECALL.replace(rating_heads=5, bias_l2=3e-3),
 }
 
 

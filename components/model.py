@@ -166,22 +166,17 @@ class Recommender(keras.Model):
 
             self.user_feature_projection = projection("user_features")
             self.movie_feature_projection = projection("movie_features")
-        self.rating_head = keras.Sequential(
-            [
-                layer
-                for units in config.rating_hidden_units
-                for layer in (
-                    [keras.layers.Dense(units, activation="relu")]
-                    + (
-                        [keras.layers.Dropout(config.rating_dropout)]
-                        if config.rating_dropout
-                        else []
-                    )
-                )
-            ]
-            + [keras.layers.Dense(1)],
-            name="rating_head",
+        # `rating_heads` MLPs from different initial weights, averaged (an ensemble inside the
+        # model); the first keeps the single head's name, so one head is the model as before.
+        self.rating_input_dropout = (
+            keras.layers.Dropout(config.rating_input_dropout, name="rating_input_dropout")
+            if config.rating_input_dropout
+            else None
         )
+        self.rating_head = self._rating_mlp("rating_head")
+        self.extra_rating_heads = [
+            self._rating_mlp(f"rating_head_{i}") for i in range(1, config.rating_heads)
+        ]
         if config.use_bias_terms:
             bias_regularizer = keras.regularizers.L2(config.bias_l2) if config.bias_l2 else None
             self.user_bias = keras.layers.Embedding(
@@ -203,6 +198,15 @@ class Recommender(keras.Model):
         self.rating_loss_tracker = keras.metrics.Mean(name="rating_mse")
         self.rmse_metric = keras.metrics.RootMeanSquaredError(name="rmse")
 
+    def _rating_mlp(self, name: str) -> keras.Sequential:
+        config = self.config
+        layers = []
+        for units in config.rating_hidden_units:
+            layers.append(keras.layers.Dense(units, activation="relu"))
+            if config.rating_dropout:
+                layers.append(keras.layers.Dropout(config.rating_dropout))
+        return keras.Sequential(layers + [keras.layers.Dense(1)], name=name)
+
     # --- forward pass ---
 
     def build(self, input_shape=None):
@@ -218,7 +222,8 @@ class Recommender(keras.Model):
             self.rating_movie_embedding.build((None,))
         dim = self.config.embedding_dim + self.config.rating_embedding_dim
         width = (3 if self.config.rating_product_feature else 2) * dim
-        self.rating_head.build((None, width))
+        for head in [self.rating_head, *self.extra_rating_heads]:
+            head.build((None, width))
         if self.config.use_bias_terms:
             self.user_bias.build((None,))
             self.movie_bias.build((None,))
@@ -267,7 +272,15 @@ class Recommender(keras.Model):
         features = [user, movie]
         if self.config.rating_product_feature:
             features.append(user * movie)
-        rating = self.rating_head(ops.concatenate(features, axis=-1), training=training)[:, 0]
+        inputs = ops.concatenate(features, axis=-1)
+        if self.rating_input_dropout is not None:
+            inputs = self.rating_input_dropout(inputs, training=training)
+        heads = [self.rating_head, *self.extra_rating_heads]
+        rating = heads[0](inputs, training=training)[:, 0]
+        for head in heads[1:]:
+            rating = rating + head(inputs, training=training)[:, 0]
+        if len(heads) > 1:
+            rating = rating / len(heads)
         if self.config.use_bias_terms:
             rating = rating + self.user_bias(user_ids)[:, 0] + self.movie_bias(movie_ids)[:, 0]
         return rating

@@ -44,13 +44,16 @@ def describe_devices() -> str:
 
 def make_optimizer(config: TrainingConfig) -> keras.optimizers.Optimizer:
     decay = config.weight_decay or None
+    # Weight averaging: the optimizer keeps an exponential moving average of the weights and
+    # `fit` swaps it in when it ends (Keras' `finalize_variable_values`).
+    ema = {"use_ema": True, "ema_momentum": config.ema_momentum} if config.ema_momentum else {}
     if config.optimizer == "adagrad":
-        return keras.optimizers.Adagrad(config.learning_rate, weight_decay=decay)
+        return keras.optimizers.Adagrad(config.learning_rate, weight_decay=decay, **ema)
     if config.optimizer == "sgd":
-        return keras.optimizers.SGD(config.learning_rate, weight_decay=decay)
+        return keras.optimizers.SGD(config.learning_rate, weight_decay=decay, **ema)
     if decay:
-        return keras.optimizers.AdamW(config.learning_rate, weight_decay=decay)
-    return keras.optimizers.Adam(config.learning_rate)
+        return keras.optimizers.AdamW(config.learning_rate, weight_decay=decay, **ema)
+    return keras.optimizers.Adam(config.learning_rate, **ema)
 
 
 class _EpochLog(keras.callbacks.Callback):

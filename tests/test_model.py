@@ -308,3 +308,71 @@ def test_rerank_reorders_the_pool_by_logit_plus_rating():
     # k beyond the pool, and a fully excluded catalogue still pads with NO_MOVIE.
     _, ids = model.recommend(user, k=4, excluded_movie_ids=tf.constant([[1, 2, 3, 5]], tf.int32))
     assert ids.numpy().tolist() == [[NO_MOVIE] * 4]
+
+
+def test_rating_heads_are_averaged_and_round_trip(tmp_path):
+    model, *_ = _tiny_model(rating_heads=3, rating_hidden_units=(4,))
+    heads = [model.rating_head, *model.extra_rating_heads]
+    assert len(heads) == 3
+    # Different initial weights: the heads disagree, the prediction is their mean.
+    kernels = [head.layers[0].kernel.numpy() for head in heads]
+    assert not np.allclose(kernels[0], kernels[1])
+    users, movies = tf.constant([1, 2], tf.int32), tf.constant([3, 1], tf.int32)
+    inputs = tf.concat([model.user_embedding(users), model.movie_embedding(movies)], axis=-1)
+    mean = np.mean([head(inputs).numpy()[:, 0] for head in heads], axis=0)
+    biases = (model.user_bias(users)[:, 0] + model.movie_bias(movies)[:, 0]).numpy()
+    user, movie = model._user_vector(users), model._movie_vector(movies)
+    np.testing.assert_allclose(
+        model._rating(users, movies, user, movie).numpy(), mean + biases, atol=1e-6
+    )
+    model.save_artifact(str(tmp_path))
+    loaded = Recommender.load_artifact(str(tmp_path))
+    np.testing.assert_allclose(
+        loaded.predict_rating(users, movies).numpy(),
+        model.predict_rating(users, movies).numpy(),
+        atol=1e-6,
+    )
+
+
+def test_rating_input_dropout_acts_in_training_only():
+    model, *_ = _tiny_model(rating_input_dropout=0.5)
+    users, movies = tf.constant([1, 2, 3] * 20, tf.int32), tf.constant([1, 2, 3] * 20, tf.int32)
+    user, movie = model._user_vector(users), model._movie_vector(movies)
+    inference = model._rating(users, movies, user, movie).numpy()
+    np.testing.assert_allclose(inference, model._rating(users, movies, user, movie).numpy())
+    trained = model._rating(users, movies, user, movie, training=True).numpy()
+    assert not np.allclose(trained, inference)
+
+
+def test_ema_swaps_the_weight_average_in_at_the_end_of_fit():
+    from components.training import make_optimizer
+
+    config = DEFAULT_TRAINING.replace(
+        embedding_dim=2, ema_momentum=0.9, epochs=2, batch_size=4, rerank_pool=0,
+        retrieval_negatives="in-batch", sampled_negatives=0,
+    )
+    optimizer = make_optimizer(config)
+    assert optimizer.use_ema and optimizer.ema_momentum == pytest.approx(0.9)
+    counts = np.array([0, 4, 4, 4])
+    model = Recommender(3, 4, counts, config)
+    model.build_for_ids()
+    model.compile(optimizer=optimizer)
+    assert model.optimizer.use_ema  # kept when compile installs the schedule
+    x = {F.USER_ID: np.array([1, 2] * 6, np.int32), F.MOVIE_ID: np.array([1, 2, 3] * 4, np.int32)}
+    y = np.linspace(0, 1, 12).astype(np.float32)
+    model.fit(x, y, epochs=2, batch_size=4, verbose=0)
+    averages = model.optimizer._model_variables_moving_average
+    for variable, average in zip(model.trainable_variables, averages, strict=True):
+        np.testing.assert_allclose(variable.numpy(), average.numpy())
+    assert not make_optimizer(config.replace(ema_momentum=0.0)).use_ema
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"rating_heads": 0}, {"rating_input_dropout": 1.0}, {"ema_momentum": 1.0}],
+)
+def test_rating_and_averaging_settings_are_validated(changes):
+    from components.config import ConfigError
+
+    with pytest.raises(ConfigError):
+        DEFAULT_TRAINING.replace(**changes)
