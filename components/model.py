@@ -498,7 +498,7 @@ class Recommender(keras.Model):
     def _rerank(self, user_ids, scores, ids, pool: int):
         """Re-order the first `pool` of each row by logit + weight x predicted rating: the
         rating head knows which of the likely movies the user will like (measured on
-        validation: +0.02 hit@10 at pool 50, weight 3)."""
+        validation: +0.02 hit@10 at pool 50, weight 3; pool 20 scores the same)."""
         batch, n = tf.shape(ids)[0], ids.shape[1]
         movies = tf.reshape(tf.maximum(ids, F.PADDING_ID), [-1])  # NO_MOVIE -> padding row
         rating = self.predict_rating(tf.repeat(tf.cast(user_ids, tf.int32), n), movies)
