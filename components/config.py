@@ -200,6 +200,11 @@ class TrainingConfig(_Section):
     learning_rate_schedule: str = "cosine"
     final_learning_rate_fraction: float = 0.0
     weight_decay: float = 0.0  # decoupled (AdamW-style) weight decay, any optimizer
+    # The optimizer updates only the embedding rows each batch looks up (and their Adam/Adagrad
+    # slots; Adam becomes LazyAdam), and embedding_l2 / bias_l2 apply to those rows only, instead
+    # of every row of every table each step: the step's cost follows the batch, not the
+    # vocabularies (components/optimizers.py). For large catalogues (bench/scale.py).
+    lazy_embedding_updates: bool = False
     batch_size: int = 1024
     epochs: int = 8
     shuffle_seed: int = 42
@@ -245,6 +250,11 @@ class TrainingConfig(_Section):
             )
         if not 0.0 <= self.final_learning_rate_fraction <= 1.0:
             raise ConfigError("final_learning_rate_fraction must be in [0, 1]")
+        if self.lazy_embedding_updates and self.weight_decay:
+            raise ConfigError(
+                "lazy_embedding_updates: weight_decay would decay whole tables every step "
+                "(use embedding_l2, applied to the rows each batch touches)"
+            )
 
 
 @dataclass(frozen=True)
