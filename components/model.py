@@ -67,7 +67,7 @@ class TableEmbedding(keras.layers.Embedding):
     """`keras.layers.Embedding` that reads only the rows it looks up (a resource gather).
     Keras's reads the whole table as a tensor first, which TensorFlow turns into a copy of the
     table on every step once the variable has had a sparse update (lazy embedding updates):
-    ~10% of a step at ML-25M's shape."""
+    ~8% of a step at ML-25M's shape."""
 
     def call(self, inputs):
         if inputs.dtype not in ("int32", "int64"):
@@ -357,10 +357,12 @@ class Recommender(keras.Model):
         """In-batch negatives (popularity-distributed), optionally mixed with uniform samples;
         logQ corrects every column by the log of its expected count in the negative set.
 
-        Each distinct movie is one column: a movie the batch holds k times (popular movies
-        repeat: a third of a 2048 batch at ML-25M's shape) weighs k through a + log k on its
-        logit, the same softmax as k identical columns at a fraction of the [batch, columns]
-        work, which is most of the training step on CPU."""
+        Each distinct movie is one column: a movie the columns hold k times weighs k through a
+        + log k on its logit, the same softmax (values and table gradients) as k identical
+        columns, for less of the [batch, columns] work that is most of a training step on CPU.
+        Popular movies repeat: 13% of the columns of a 2048 batch of bench/scale.py's 25M rows;
+        with ML-100k's 1024 batch + 1024 uniform samples over 1.7k movies, far more (a third
+        less CPU per fit, with the one-pass logsumexp)."""
         config = self.config
         batch = ops.shape(user)[0]
         column_ids = movie_ids
