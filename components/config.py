@@ -211,6 +211,11 @@ class TrainingConfig(_Section):
     # Weight averaging: the model ends with an exponential moving average of its weights over
     # the steps (this momentum per step; 0 = the last step's weights).
     ema_momentum: float = 0.99
+    # The optimizer updates only the embedding rows each batch looks up (and their Adam/Adagrad
+    # slots; Adam becomes LazyAdam), and embedding_l2 / bias_l2 apply to those rows only, instead
+    # of every row of every table each step: the step's cost follows the batch, not the
+    # vocabularies (components/optimizers.py). For large catalogues (bench/scale.py).
+    lazy_embedding_updates: bool = False
     batch_size: int = 1024
     epochs: int = 8
     shuffle_seed: int = 42
@@ -261,6 +266,11 @@ class TrainingConfig(_Section):
             raise ConfigError("final_learning_rate_fraction must be in [0, 1]")
         if not 0.0 <= self.ema_momentum < 1.0:
             raise ConfigError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}")
+        if self.lazy_embedding_updates and self.weight_decay:
+            raise ConfigError(
+                "lazy_embedding_updates: weight_decay would decay whole tables every step "
+                "(use embedding_l2, applied to the rows each batch touches)"
+            )
 
 
 @dataclass(frozen=True)
@@ -385,7 +395,29 @@ SEED_TRAINING = TrainingConfig(
 )
 DEFAULT_TRAINING = TrainingConfig()
 
-TRAINING_PRESETS: dict[str, TrainingConfig] = {"default": DEFAULT_TRAINING, "seed": SEED_TRAINING}
+# Millions of ratings and vocabularies of 10^5 ids (bench/scale.py, ML-25M's shape): lazy
+# embedding updates (a step's cost follows the batch, not the tables) and in-batch negatives at
+# batch 1024; the single 64-unit rating head of before the RMSE sweep, no weight averaging (the
+# moving average is a dense update of every table each step) and a cosine decay to 0.
+LARGE_TRAINING = DEFAULT_TRAINING.replace(
+    batch_size=1024,
+    retrieval_negatives="in-batch",
+    sampled_negatives=0,
+    lazy_embedding_updates=True,
+    rating_hidden_units=(64,),
+    rating_heads=1,
+    ranking_weight=10.0,
+    bias_l2=0.0,
+    ema_momentum=0.0,
+    final_learning_rate_fraction=0.0,
+    rerank_rating_weight=3.0,
+)
+
+TRAINING_PRESETS: dict[str, TrainingConfig] = {
+    "default": DEFAULT_TRAINING,
+    "seed": SEED_TRAINING,
+    "large": LARGE_TRAINING,
+}
 
 # The seed's three variants: (ranking_weight, retrieval_weight).
 VARIANTS: dict[str, tuple[float, float]] = {

@@ -23,6 +23,7 @@ from keras import ops
 
 from components import features as F
 from components.config import TrainingConfig
+from components.optimizers import lazy as lazy_optimizer
 
 EXCLUDED_SCORE = -1e9  # score given to excluded candidates before top-k
 NO_MOVIE = -1  # returned id when fewer than k candidates remain after exclusion
@@ -60,6 +61,32 @@ def learning_rate_schedule(
     return keras.optimizers.schedules.CosineDecay(
         config.learning_rate, steps, alpha=config.final_learning_rate_fraction
     )
+
+
+class TableEmbedding(keras.layers.Embedding):
+    """`keras.layers.Embedding` that reads only the rows it looks up (a resource gather).
+    Keras's reads the whole table as a tensor first, which TensorFlow turns into a copy of the
+    table on every step once the variable has had a sparse update (lazy embedding updates):
+    ~8% of a step at ML-25M's shape."""
+
+    def call(self, inputs):
+        if inputs.dtype not in ("int32", "int64"):
+            inputs = ops.cast(inputs, "int32")
+        return tf.gather(self.embeddings.value, inputs)
+
+
+@tf.custom_gradient
+def row_logsumexp(logits):
+    """logsumexp over axis 1 of a [rows, columns] matrix, in fewer passes over it than
+    `ops.logsumexp`: the backward pass reuses the forward exponentials (softmax = e / sum)."""
+    top = tf.stop_gradient(tf.reduce_max(logits, axis=1, keepdims=True))
+    e = tf.exp(logits - top)
+    total = tf.reduce_sum(e, axis=1, keepdims=True)
+
+    def grad(upstream):
+        return e * (upstream[:, None] / total)
+
+    return tf.math.log(total[:, 0]) + top[:, 0], grad
 
 
 class Recommender(keras.Model):
@@ -127,30 +154,37 @@ class Recommender(keras.Model):
             self.user_features = tf.constant(user_features, tf.float32)
             self.movie_features = tf.constant(movie_features, tf.float32)
 
+        # Lazy embedding updates: the tables' L2 is applied row-wise by the optimizer, to the rows
+        # each batch touches (a regularizer on a whole table makes its gradient dense).
+        lazy = config.lazy_embedding_updates
         regularizer = keras.regularizers.L2(config.embedding_l2) if config.embedding_l2 else None
+        table_regularizer = None if lazy else regularizer
         dim = config.embedding_dim
-        self.user_embedding = keras.layers.Embedding(
-            self.num_users, dim, embeddings_regularizer=regularizer, name="user_embedding"
+        self.user_embedding = TableEmbedding(
+            self.num_users, dim, embeddings_regularizer=table_regularizer, name="user_embedding"
         )
-        self.movie_embedding = keras.layers.Embedding(
-            self.num_movies, dim, embeddings_regularizer=regularizer, name="movie_embedding"
+        self.movie_embedding = TableEmbedding(
+            self.num_movies, dim, embeddings_regularizer=table_regularizer, name="movie_embedding"
         )
         if config.rating_embedding_dim:
-            self.rating_user_embedding = keras.layers.Embedding(
+            self.rating_user_embedding = TableEmbedding(
                 self.num_users,
                 config.rating_embedding_dim,
-                embeddings_regularizer=regularizer,
+                embeddings_regularizer=table_regularizer,
                 name="rating_user_embedding",
             )
-            self.rating_movie_embedding = keras.layers.Embedding(
+            self.rating_movie_embedding = TableEmbedding(
                 self.num_movies,
                 config.rating_embedding_dim,
-                embeddings_regularizer=regularizer,
+                embeddings_regularizer=table_regularizer,
                 name="rating_movie_embedding",
             )
         if self.user_history is not None:
-            self.history_embedding = keras.layers.Embedding(
-                self.num_movies, dim, embeddings_regularizer=regularizer, name="history_embedding"
+            self.history_embedding = TableEmbedding(
+                self.num_movies,
+                dim,
+                embeddings_regularizer=table_regularizer,
+                name="history_embedding",
             )
         if config.use_side_features:
             # Zero start: the towers begin as the id-only model (a Glorot start makes feature
@@ -178,15 +212,17 @@ class Recommender(keras.Model):
             self._rating_mlp(f"rating_head_{i}") for i in range(1, config.rating_heads)
         ]
         if config.use_bias_terms:
-            bias_regularizer = keras.regularizers.L2(config.bias_l2) if config.bias_l2 else None
-            self.user_bias = keras.layers.Embedding(
+            bias_regularizer = (
+                keras.regularizers.L2(config.bias_l2) if config.bias_l2 and not lazy else None
+            )
+            self.user_bias = TableEmbedding(
                 self.num_users,
                 1,
                 embeddings_initializer="zeros",
                 embeddings_regularizer=bias_regularizer,
                 name="user_bias",
             )
-            self.movie_bias = keras.layers.Embedding(
+            self.movie_bias = TableEmbedding(
                 self.num_movies,
                 1,
                 embeddings_initializer="zeros",
@@ -337,7 +373,14 @@ class Recommender(keras.Model):
 
     def _sampled_softmax_loss(self, user, movie, movie_ids):
         """In-batch negatives (popularity-distributed), optionally mixed with uniform samples;
-        logQ corrects every column by the log of its expected count in the negative set."""
+        logQ corrects every column by the log of its expected count in the negative set.
+
+        Each distinct movie is one column: a movie the columns hold k times weighs k through a
+        + log k on its logit, the same softmax (values and table gradients) as k identical
+        columns, for less of the [batch, columns] work that is most of a training step on CPU.
+        Popular movies repeat: 13% of the columns of a 2048 batch of bench/scale.py's 25M rows;
+        with ML-100k's 1024 batch + 1024 uniform samples over 1.7k movies, far more (a third
+        less CPU per fit, with the one-pass logsumexp)."""
         config = self.config
         batch = ops.shape(user)[0]
         column_ids = movie_ids
@@ -346,33 +389,41 @@ class Recommender(keras.Model):
             sampled_ids = self._sample_negative_ids()
             column_ids = ops.concatenate([movie_ids, sampled_ids], axis=0)
             columns = ops.concatenate([movie, self._movie_vector(sampled_ids)], axis=0)
+        unique_ids, position, counts = tf.unique_with_counts(column_ids)
+        first = tf.math.unsorted_segment_min(
+            tf.range(tf.shape(column_ids)[0]), position, tf.shape(unique_ids)[0]
+        )
+        counts = tf.cast(counts, "float32")
+        bias = ops.log(counts)
         # The temperature divides the [batch, dim] queries, not the [batch, columns] logits.
         query = user / config.temperature
-        logits = ops.matmul(query, ops.transpose(columns))
-        # Row i's positive is column i, computed as a row-wise dot product: slicing it out of
-        # the logits (diag_part of logits[:, :batch]) costs a dense [batch, columns] gradient,
-        # ~30% of the training step on CPU.
+        # Row i's positive (its own movie), as a row-wise dot product: slicing it out of the
+        # logits costs a dense [batch, columns] gradient.
         positive = ops.sum(query * movie, axis=1)
         if config.sampling_correction_weight:
-            if config.retrieval_negatives == "mixed":
-                expected = ops.cast(batch, "float32") * ops.take(
-                    self._sampling_probability, column_ids
-                ) + config.sampled_negatives / len(self.candidate_ids)
-                log_q = ops.log(ops.maximum(expected, 1e-9))
-            else:
-                log_q = ops.take(self._log_sampling_probability, column_ids)
-            correction = config.sampling_correction_weight * log_q
-            logits = logits - correction[None, :]
-            positive = positive - correction[:batch]
-        # Cross-entropy without a one-hot label matrix: logsumexp over the row (accidental
-        # hits, other columns holding the row's own movie, masked out) minus the positive's
-        # logit. (keras-rs 0.4.0's RemoveAccidentalHits adds a tiny positive number instead of
-        # a large negative one: it leaves logits unchanged.)
-        if config.remove_accidental_hits:
-            same = ops.equal(movie_ids[:, None], column_ids[None, :])
-            others = ops.logsumexp(ops.where(same, EXCLUDED_SCORE, logits), axis=1)
-            return ops.logaddexp(others, positive) - positive
-        return ops.logsumexp(logits, axis=1) - positive
+            weight = config.sampling_correction_weight
+            bias = bias - weight * self._log_q(unique_ids, batch)
+            positive = positive - weight * self._log_q(movie_ids, batch)
+        logits = ops.matmul(query, ops.transpose(tf.gather(columns, first))) + bias[None, :]
+        total = row_logsumexp(logits)
+        if not config.remove_accidental_hits:
+            return total - positive
+        # Accidental hits (the row's own movie among the other columns) leave the partition
+        # function: its column holds the positive `count` times, once is kept. The kept share
+        # is at least the positive's own share (the max guards float rounding).
+        extra = tf.gather(counts, position[:batch]) - 1.0
+        share = ops.exp(positive - total)
+        return total + ops.log(ops.maximum(1.0 - extra * share, share)) - positive
+
+    def _log_q(self, movie_ids, batch):
+        """log of each movie's expected count among the negatives (in-batch: its sampling
+        probability, up to a constant; mixed: batch * p + sampled / candidates)."""
+        if self.config.retrieval_negatives == "mixed":
+            expected = ops.cast(batch, "float32") * ops.take(
+                self._sampling_probability, movie_ids
+            ) + self.config.sampled_negatives / len(self.candidate_ids)
+            return ops.log(ops.maximum(expected, 1e-9))
+        return ops.take(self._log_sampling_probability, movie_ids)
 
     def _sample_negative_ids(self):
         """`sampled_negatives` candidate movie ids drawn uniformly (with replacement)."""
@@ -391,7 +442,24 @@ class Recommender(keras.Model):
             # learning-rate variable, which makes the model unexportable as a SavedModel.
             settings = optimizer.get_config() | {"learning_rate": schedule}
             optimizer = type(optimizer).from_config(settings)
+        if self.config.lazy_embedding_updates:
+            if not self.built:
+                self.build_for_ids()
+            optimizer = lazy_optimizer(optimizer, self.row_l2())
         super().compile(optimizer=optimizer, **kwargs)
+
+    def row_l2(self) -> dict[str, float]:
+        """{table variable path: L2 coefficient} of the embedding tables, for the row-wise L2 of
+        lazy embedding updates (the same penalty the tables' regularizers give otherwise)."""
+        config = self.config
+        out = {}
+        for layer in self._flatten_layers(include_self=False):
+            if isinstance(layer, keras.layers.Embedding):
+                bias = layer.name in ("user_bias", "movie_bias")
+                l2 = config.bias_l2 if bias else config.embedding_l2
+                if l2:
+                    out[layer.embeddings.path] = float(l2)
+        return out
 
     @property
     def metrics(self):

@@ -103,7 +103,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections=PIPELINE_SECT
             "--preset",
             choices=sorted(TRAINING_PRESETS),
             default="default",
-            help="training settings to start from: 'seed' is the seed notebook's model",
+            help="training settings to start from: 'seed' is the seed notebook's model, "
+            "'large' the settings for millions of ratings (bench/scale.py)",
         )
 
 

@@ -376,3 +376,103 @@ def test_rating_and_averaging_settings_are_validated(changes):
 
     with pytest.raises(ConfigError):
         DEFAULT_TRAINING.replace(**changes)
+
+
+def _masked_reference_loss(model, user_ids, movie_ids, sampled_ids=None):
+    """The in-batch / mixed retrieval loss as one column per batch row (and per sample), the
+    accidental hits masked out: the formulation the deduplicated columns must equal."""
+    config = model.config
+    query = model._user_vector(user_ids) / config.temperature
+    movie = model._movie_vector(movie_ids)
+    column_ids, columns = movie_ids, movie
+    if sampled_ids is not None:
+        column_ids = tf.concat([movie_ids, sampled_ids], 0)
+        columns = tf.concat([movie, model._movie_vector(sampled_ids)], 0)
+    batch = tf.shape(movie_ids)[0]
+    correction = config.sampling_correction_weight * model._log_q(column_ids, batch)
+    logits = tf.matmul(query, columns, transpose_b=True) - correction[None, :]
+    positive = tf.reduce_sum(query * movie, 1) - correction[:batch]
+    if not config.remove_accidental_hits:
+        return tf.reduce_mean(tf.reduce_logsumexp(logits, 1) - positive)
+    same = tf.equal(movie_ids[:, None], column_ids[None, :])
+    others = tf.reduce_logsumexp(tf.where(same, -1e9, logits), 1)
+    return tf.reduce_mean(tf.math.reduce_logsumexp(tf.stack([others, positive]), 0) - positive)
+
+
+@pytest.mark.parametrize("negatives", ["in-batch", "mixed"])
+@pytest.mark.parametrize("remove_hits", [True, False])
+def test_deduplicated_columns_equal_one_column_per_row(negatives, remove_hits):
+    """Loss and gradients of every table: repeated movies as one column weighted by its count
+    equal one column per batch row (and per sampled movie)."""
+    rng = np.random.default_rng(3)
+    counts = np.concatenate([[0], rng.integers(1, 50, 12)])
+    config = DEFAULT_TRAINING.replace(
+        embedding_dim=4,
+        retrieval_negatives=negatives,
+        sampled_negatives=5 if negatives == "mixed" else 0,
+        remove_accidental_hits=remove_hits,
+        disliked_retrieval_weight=1.0,
+        temperature=0.2,
+    )
+    model = Recommender(num_users=9, num_movies=13, movie_counts=counts, config=config)
+    model.build_for_ids()
+    user_ids = tf.constant(rng.integers(1, 9, 40), tf.int32)
+    movie_ids = tf.constant(rng.choice([1, 2, 2, 3, 3, 3, 7, 12], 40), tf.int32)  # many repeats
+    sampled = tf.constant([2, 5, 5, 12, 9], tf.int32) if negatives == "mixed" else None
+    if sampled is not None:
+        model._sample_negative_ids = lambda: sampled
+    tables = [model.user_embedding.embeddings, model.movie_embedding.embeddings]
+    with tf.GradientTape(persistent=True) as tape:
+        out = model({F.USER_ID: user_ids, F.MOVIE_ID: movie_ids}, training=True)
+        loss = model._retrieval_loss(movie_ids, out)
+        reference = _masked_reference_loss(model, user_ids, movie_ids, sampled)
+    assert float(loss) == pytest.approx(float(reference), rel=1e-5)
+    for got, want in zip(
+        tape.gradient(loss, tables), tape.gradient(reference, tables), strict=True
+    ):
+        np.testing.assert_allclose(
+            tf.convert_to_tensor(got).numpy(), tf.convert_to_tensor(want).numpy(), atol=2e-5
+        )
+
+
+def test_lazy_embedding_updates_touch_only_the_batch_rows():
+    """With lazy_embedding_updates the tables carry no regularizer (their L2 is the
+    optimizer's, row-wise), the optimizer is LazyAdam, and a step moves only the rows looked up."""
+    from components.optimizers import LazyAdam
+
+    counts = np.array([0, 5, 3, 2, 1, 1])
+    config = DEFAULT_TRAINING.replace(
+        embedding_dim=4, lazy_embedding_updates=True, embedding_l2=0.01, bias_l2=0.02,
+        retrieval_negatives="in-batch", sampled_negatives=0,
+    )  # fmt: skip
+    model = Recommender(num_users=7, num_movies=6, movie_counts=counts, config=config)
+    model.compile(optimizer=keras.optimizers.Adam(0.01))
+    assert isinstance(model.optimizer, LazyAdam)
+    assert model.optimizer.row_l2 == {
+        model.user_embedding.embeddings.path: 0.01,
+        model.movie_embedding.embeddings.path: 0.01,
+        model.user_bias.embeddings.path: 0.02,
+        model.movie_bias.embeddings.path: 0.02,
+    }
+    assert not model.losses  # no whole-table penalty
+    before = {
+        t.path: t.numpy().copy()
+        for t in (model.user_embedding.embeddings, model.movie_embedding.embeddings)
+    }
+    x = {F.USER_ID: tf.constant([1, 2, 2], tf.int32), F.MOVIE_ID: tf.constant([3, 1, 3], tf.int32)}
+    model.train_on_batch(x, tf.constant([1.0, 0.5, 0.25]))
+    users = model.user_embedding.embeddings.numpy()
+    movies = model.movie_embedding.embeddings.numpy()
+    old_users = before[model.user_embedding.embeddings.path]
+    old_movies = before[model.movie_embedding.embeddings.path]
+    np.testing.assert_array_equal(users[[0, 3, 4, 5, 6]], old_users[[0, 3, 4, 5, 6]])
+    np.testing.assert_array_equal(movies[[0, 2, 4, 5]], old_movies[[0, 2, 4, 5]])
+    assert (users[[1, 2]] != old_users[[1, 2]]).all()
+    assert (movies[[1, 3]] != old_movies[[1, 3]]).all()
+
+
+def test_lazy_embedding_updates_refuse_weight_decay():
+    from components.config import ConfigError
+
+    with pytest.raises(ConfigError, match="weight_decay"):
+        DEFAULT_TRAINING.replace(lazy_embedding_updates=True, weight_decay=1e-4)

@@ -167,6 +167,16 @@ def test_every_cli_flag_maps_to_the_config():
             assert f"{section}.{name}" in flags
 
 
+def test_the_large_preset_trains_lazily_without_weight_averaging():
+    """The settings bench/scale.py trains with at ML-25M's shape: no step may touch whole tables."""
+    args = cli.build_parser().parse_args(["train", "--examples", "e", "--output", "o",
+                                          "--preset", "large", "--epochs", "1"])  # fmt: skip
+    training = cli.config_from_args(args).training
+    assert training.lazy_embedding_updates and training.ema_momentum == 0.0
+    assert (training.batch_size, training.retrieval_negatives) == (1024, "in-batch")
+    assert training.epochs == 1 and training.rating_heads == 1
+
+
 def test_kubeflow_flags_map_to_their_config():
     parser = cli.build_parser()
     args = parser.parse_args(
