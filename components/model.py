@@ -312,14 +312,32 @@ class Recommender(keras.Model):
         if self.rating_input_dropout is not None:
             inputs = self.rating_input_dropout(inputs, training=training)
         heads = [self.rating_head, *self.extra_rating_heads]
-        rating = heads[0](inputs, training=training)[:, 0]
-        for head in heads[1:]:
-            rating = rating + head(inputs, training=training)[:, 0]
-        if len(heads) > 1:
-            rating = rating / len(heads)
+        if len(heads) > 1 and len(self.config.rating_hidden_units) == 1:
+            rating = self._averaged_heads(heads, inputs, training)
+        else:
+            rating = heads[0](inputs, training=training)[:, 0]
+            for head in heads[1:]:
+                rating = rating + head(inputs, training=training)[:, 0]
+            if len(heads) > 1:
+                rating = rating / len(heads)
         if self.config.use_bias_terms:
             rating = rating + self.user_bias(user_ids)[:, 0] + self.movie_bias(movie_ids)[:, 0]
         return rating
+
+    def _averaged_heads(self, heads, inputs, training: bool):
+        """The mean of one-hidden-layer heads as two matmuls over their concatenated weights
+        (the same variables and values as calling each head: half the training step's rating
+        work in ops, and a fifth of the graph to trace, at 5 heads)."""
+        hidden_layers = [head.layers[0] for head in heads]
+        outputs = [head.layers[-1] for head in heads]
+        kernel = ops.concatenate([layer.kernel for layer in hidden_layers], axis=1)
+        bias = ops.concatenate([layer.bias for layer in hidden_layers], axis=0)
+        hidden = ops.relu(ops.matmul(inputs, kernel) + bias)
+        if self.config.rating_dropout:
+            hidden = heads[0].layers[1](hidden, training=training)  # each unit its own mask
+        out_kernel = ops.concatenate([layer.kernel for layer in outputs], axis=0)
+        out_bias = ops.mean(ops.concatenate([layer.bias for layer in outputs], axis=0))
+        return ops.matmul(hidden, out_kernel)[:, 0] / len(heads) + out_bias
 
     # --- losses ---
 
