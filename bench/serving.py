@@ -148,7 +148,7 @@ class SessionCalls:
     calling thread. (This file is bench/serving.py, so `import serving` here would import
     itself; the few lines are repeated.)"""
 
-    def __init__(self, version_dir: str, inter_op_threads: int, intra_op_threads: int = 0):
+    def __init__(self, version_dir: str, inter_op_threads: int, intra_op_threads: int = 1):
         from tensorflow.core.protobuf import config_pb2
         from tensorflow.python.util import deprecation
 
@@ -327,7 +327,7 @@ def start_server(args: argparse.Namespace, base: str) -> tuple[subprocess.Popen,
         *("--host", "127.0.0.1", "--port", "0", "--poll-seconds", "0"),
         *("--inter-op-threads", str(args.inter_op_threads), "--workers", str(args.workers)),
         "--batching" if args.batching else "--no-batching",
-        *(("--intra-op-threads", str(args.intra_op_threads)) if args.intra_op_threads else ()),
+        *("--intra-op-threads", str(args.intra_op_threads)),
     ]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=REPO)
     line = _wait_for_start(process)
@@ -511,7 +511,10 @@ def main() -> None:
         "--inter-op-threads", type=int, default=1, help="server and in-process alike"
     )
     parser.add_argument(
-        "--intra-op-threads", type=int, default=0, help="server's (0: its default)"
+        "--intra-op-threads",
+        type=int,
+        default=1,
+        help="server and in-process alike (default: %(default)s, the server's; 0: TF's)",
     )
     parser.add_argument(
         "--workers", type=int, default=0, help="server gRPC threads (0: its default)"

@@ -53,7 +53,7 @@ class Limits:
     batching: bool = False
     on_batch: Callable[[int], None] | None = None
     inter_op_threads: int = 1  # TensorFlow's, per loaded version (0: its default)
-    intra_op_threads: int = 0
+    intra_op_threads: int = 1  # ServerConfig's default: each call in its handler thread
     max_string_bytes: int = DEFAULT_MAX_STRING_BYTES  # per DT_STRING element
     in_flight: Callable[[], int] | None = None  # requests inside the server now (batching)
 
