@@ -60,6 +60,9 @@ PREDICT = "/tensorflow.serving.PredictionService/Predict"
 RANK_BATCH = 10
 POOL = 256  # distinct pre-built requests per workload
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Channels with the same target and options share one connection (gRPC's global subchannel
+# pool): without this, N "clients" are N streams on one connection to one server thread.
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
 
 def build_export(data_dir: str, work_dir: str, model_name: str, epochs: int) -> str:
@@ -243,8 +246,8 @@ def serialised_requests(model_name: str, signature: str, inputs: list[dict]) -> 
 async def _run_grpc(
     target: str, payloads: list[bytes], clients: int, requests: int, seconds: float
 ) -> dict:
-    # One channel (one connection) per client, as separate client processes would have.
-    channels = [grpc.aio.insecure_channel(target) for _ in range(clients)]
+    # One connection per client, as separate client processes would have.
+    channels = [grpc.aio.insecure_channel(target, options=OWN_CONNECTION) for _ in range(clients)]
     try:
         calls = [channel.unary_unary(PREDICT) for channel in channels]  # bytes in, bytes out
         for call in calls:
@@ -355,7 +358,9 @@ def rss_mib(pid: int) -> float:
 async def _soak(args, port: int, pid: int, payloads: list[bytes], model_dir: str, conf: str):
     target = f"127.0.0.1:{port}"
     seconds = args.soak
-    channels = [grpc.aio.insecure_channel(target) for _ in range(args.soak_clients)]
+    channels = [
+        grpc.aio.insecure_channel(target, options=OWN_CONNECTION) for _ in range(args.soak_clients)
+    ]
     ok, failures, versions = 0, {}, set()
     started = time.perf_counter()
     deadline = started + seconds

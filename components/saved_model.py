@@ -133,6 +133,8 @@ def build_export_archive(
     lookups = IdLookups(vocabularies)
     archive = keras.export.ExportArchive()
     archive.track(model)
+    if model.fused_rating_head is not None:
+        archive.track(model.fused_rating_head)
     archive.track(seen)
     archive.track(lookups.module)
 

@@ -5,7 +5,7 @@ import tensorflow as tf
 
 from components import features as F
 from components.config import DEFAULT_TRAINING
-from components.model import NO_MOVIE, Recommender, SeenMovies
+from components.model import NO_MOVIE, FusedRatingHead, Recommender, SeenMovies
 from components.side_features import (
     AGE_EDGES,
     NUM_GENRES,
@@ -332,6 +332,35 @@ def test_rating_heads_are_averaged_and_round_trip(tmp_path):
         model.predict_rating(users, movies).numpy(),
         atol=1e-6,
     )
+
+
+@pytest.mark.parametrize("table", [True, False])
+@pytest.mark.parametrize("extras", [{}, {"rating_product_feature": True, "rating_embedding_dim": 2}])
+def test_fused_rating_head_equals_the_heads(table, extras):
+    model, *_ = _tiny_model(rating_heads=3, rating_hidden_units=(8,), rerank_pool=3, **extras)
+    rng = np.random.default_rng(0)
+    model.user_bias.embeddings.assign(rng.normal(size=(4, 1)).astype(np.float32))
+    model.movie_bias.embeddings.assign(rng.normal(size=(6, 1)).astype(np.float32))
+    model.index_candidates()
+    if not table:  # a catalogue over the table limit: the movie block is multiplied per call
+        model.fused_rating_head = FusedRatingHead(model, max_table_bytes=0)
+    assert (model.fused_rating_head.movie_table is not None) == table
+    users = tf.constant([1, 2, 3], tf.int32)
+    movies = tf.constant([[3, 1], [2, 5], [0, 3]], tf.int32)  # 2 per user, padding included
+    flat_users, flat_movies = tf.repeat(users, 2), tf.reshape(movies, [-1])
+    user, movie = model._user_vector(flat_users), model._movie_vector(flat_movies)
+    expected = model._rating(flat_users, flat_movies, user, movie).numpy()
+    fused = model.fused_rating_head(model, users, flat_movies, model._user_vector(users), 2)
+    np.testing.assert_allclose(fused.numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(
+        model.predict_rating(flat_users, flat_movies).numpy(), np.clip(expected, 0, 1), atol=1e-5
+    )
+    # Recommendations (re-ranked by rating) are those of the heads themselves.
+    scores, ids = model.recommend(users, k=3)
+    model.fused_rating_head = None
+    unfused_scores, unfused_ids = model.recommend(users, k=3)
+    np.testing.assert_array_equal(ids.numpy(), unfused_ids.numpy())
+    np.testing.assert_allclose(scores.numpy(), unfused_scores.numpy(), atol=1e-4)
 
 
 def test_rating_input_dropout_acts_in_training_only():
