@@ -4,7 +4,8 @@ Why: the server's cost is its overhead on top of the model. Each figure is measu
 same run: through `mtrec serve` (a separate process, gRPC on 127.0.0.1) and by calling the loaded
 SavedModel's signature in this process the way the server calls it (a TF1 Session callable;
 `--in-process function` for the TF2 signature function instead), at 1, 8 and 32 concurrent
-clients. The ratio of the two is the server's overhead. Inputs take each signature's declared
+clients. The ratio of the two is the server's overhead. With `--grpc-processes N` the server runs N
+processes on the port, and so does the floor's empty-handler server. Inputs take each signature's declared
 dtype (int32, int64 or string ids); an export without `rank` is benchmarked on retrieve only. Targets on a 2-core machine (issue 11): retrieve p50 <= 0.7 ms at 1 client
 and >= 3,500 requests/s at 8 clients, client included, and within 1.5x of "gRPC floor + model
 call" measured in the same run (the last table's bottom rows).
@@ -288,23 +289,27 @@ SERVE = (
 )
 
 
-# The floor: the same gRPC server machinery with a handler that does nothing (empty response).
+# The floor: the same gRPC server machinery with a handler that does nothing (empty response),
+# in as many processes sharing the port as the server has.
 ECHO = (
     "import sys, threading; from concurrent import futures; import grpc; "
     "from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc as svc\n"
     "class Echo(svc.PredictionServiceServicer):\n"
     "    def Predict(self, request, context): return predict_pb2.PredictResponse()\n"
-    "server = grpc.server(futures.ThreadPoolExecutor(int(sys.argv[1])))\n"
+    "server = grpc.server(futures.ThreadPoolExecutor(int(sys.argv[1])), "
+    "options=[('grpc.so_reuseport', 1)])\n"
     "svc.add_PredictionServiceServicer_to_server(Echo(), server)\n"
-    "print('gRPC on 127.0.0.1:%d' % server.add_insecure_port('127.0.0.1:0'), file=sys.stderr, flush=True)\n"
+    "port = server.add_insecure_port('127.0.0.1:' + sys.argv[2])\n"
+    "print('gRPC on 127.0.0.1:%d' % port, file=sys.stderr, flush=True)\n"
     "server.start(); server.wait_for_termination()\n"
 )
 
 
 def _wait_for_start(process: subprocess.Popen) -> str:
-    """The server's start-up log line (it names the port and the handler threads)."""
+    """The server's start-up log line (it names the port and the handler threads); with several
+    gRPC processes, the first process's, logged once the others serve."""
     for line in process.stderr:
-        if re.search(r"gRPC on 127\.0\.0\.1:(\d+)", line):
+        if re.search(r"gRPC on 127\.0\.0\.1:(\d+)", line) and "[gRPC process" not in line:
             threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()
             return line
     sys.exit(f"the server did not start (exit status {process.wait()})")
@@ -314,11 +319,21 @@ def _port(line: str) -> int:
     return int(re.search(r"gRPC on 127\.0\.0\.1:(\d+)", line)[1])
 
 
-def start_echo_server(workers: int) -> tuple[subprocess.Popen, int]:
-    process = subprocess.Popen(
-        [sys.executable, "-c", ECHO, str(workers)], stderr=subprocess.PIPE, text=True, cwd=REPO
-    )
-    return process, _port(_wait_for_start(process))
+def start_echo_server(workers: int, processes: int = 1) -> tuple[list[subprocess.Popen], int]:
+    def echo(port: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-c", ECHO, str(workers), str(port)],
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+
+    first = echo(0)
+    port = _port(_wait_for_start(first))
+    others = [echo(port) for _ in range(processes - 1)]
+    for process in others:
+        _wait_for_start(process)
+    return [first, *others], port
 
 
 def start_server(args: argparse.Namespace, base: str) -> tuple[subprocess.Popen, int, int]:
@@ -329,6 +344,7 @@ def start_server(args: argparse.Namespace, base: str) -> tuple[subprocess.Popen,
         *(sys.executable, "-c", SERVE, "--model-base-path", base, "--model-name", args.model_name),
         *("--host", "127.0.0.1", "--port", "0", "--poll-seconds", "0"),
         *("--inter-op-threads", str(args.inter_op_threads), "--workers", str(args.workers)),
+        *("--grpc-processes", str(args.grpc_processes)),
         "--batching" if args.batching else "--no-batching",
         *("--intra-op-threads", str(args.intra_op_threads)),
     ]
@@ -449,6 +465,7 @@ def soak(args: argparse.Namespace, base: str) -> None:
             *("--model-config-file-poll-wait-seconds", "1", "--poll-seconds", "0.5"),
             *("--host", "127.0.0.1", "--port", "0", "--keep-versions", "1"),
             *("--inter-op-threads", str(args.inter_op_threads), "--workers", str(args.workers)),
+            *("--grpc-processes", str(args.grpc_processes)),
         ]
         process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=REPO)
         try:
@@ -523,6 +540,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--workers", type=int, default=0, help="server gRPC threads (0: its default)"
+    )
+    parser.add_argument(
+        "--grpc-processes", type=int, default=1, help="server gRPC processes (default: %(default)s)"
     )
     parser.add_argument(
         "--batching", action=argparse.BooleanOptionalAction, default=True, help="server batching"
@@ -623,20 +643,22 @@ def main() -> None:
 
     floor: dict[int, dict] = {}
     if args.floor:
-        echo, port = start_echo_server(workers)
+        echoes, port = start_echo_server(workers, args.grpc_processes)
         try:
             for clients in levels:
                 floor[clients] = run_grpc(
                     f"127.0.0.1:{port}", payloads["retrieve"], clients, args.requests, args.seconds
                 )
         finally:
-            echo.terminate()
-            echo.wait(timeout=30)
+            for echo in echoes:
+                echo.terminate()
+                echo.wait(timeout=30)
 
     print()
     print(
         f"{os.cpu_count()} cores; export {version_dir}; retrieve = 1 user, rank = {RANK_BATCH} pairs "
-        f"per request; server: {workers} gRPC threads, batching {'on' if args.batching else 'off'}; "
+        f"per request; server: {args.grpc_processes} process(es) x {workers} gRPC threads, "
+        f"batching {'on' if args.batching else 'off'}; "
         f"in-process: {args.in_process} calls"
     )
     print_table(rows, floor)

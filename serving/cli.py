@@ -69,14 +69,29 @@ def serve_main(args: argparse.Namespace) -> int:
 
     try:
         config = config_from_args(args).check()
-        configure_tensorflow_threads(config.inter_op_threads, config.intra_op_threads)
-        from serving.server import ModelServer
-
-        server = ModelServer(config).start()
     except MtrecError as error:
         print(f"mtrec serve: error: {error}", file=sys.stderr)
         return 2
-    stop = threading.Event()
+    return run_server(config)
+
+
+def run_server(config, stop: threading.Event | None = None, companion: bool = False) -> int:
+    """Start, serve until `stop` (or SIGTERM / Ctrl-C), drain. Exit status 0; 2 for a start-up
+    problem (one `mtrec serve: error:` line); 1 when a companion gRPC process died."""
+    from components.errors import MtrecError
+
+    try:
+        configure_tensorflow_threads(config.inter_op_threads, config.intra_op_threads)
+        from serving.processes import prepare_group
+
+        prepare_group(config)  # before serving.server imports prometheus-client
+        from serving.server import ModelServer
+
+        server = ModelServer(config, companion=companion).start()
+    except MtrecError as error:
+        print(f"mtrec serve: error: {error}", file=sys.stderr)
+        return 2
+    stop = stop or threading.Event()
 
     def on_signal(signum, _frame) -> None:
         log.info("received %s", signal.Signals(signum).name)
@@ -88,7 +103,7 @@ def serve_main(args: argparse.Namespace) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 0
+    return 1 if server.failure else 0
 
 
 def add_query_arguments(parser: argparse.ArgumentParser) -> None:

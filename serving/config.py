@@ -71,6 +71,14 @@ class ServerConfig:
     workers: int = field(
         default=0, metadata={"help": "gRPC handler threads (0: 2 per core, 4 to 32)"}
     )
+    grpc_processes: int = field(
+        default=1,
+        metadata={
+            "help": "processes answering gRPC on the port (SO_REUSEPORT), each with the models "
+            "loaded and its own GIL: more requests/s on several cores, at the cost of memory; "
+            "reloads, metrics and readiness stay those of one server"
+        },
+    )
     max_batch_size: int = field(
         default=4096, metadata={"help": "largest first (batch) dimension a request may send"}
     )
@@ -164,6 +172,7 @@ class ServerConfig:
             "max_request_mib": 1,
             "rest_max_connections": 1,
             "workers": 0,
+            "grpc_processes": 1,
             "inter_op_threads": 0,
             "intra_op_threads": 0,
         }

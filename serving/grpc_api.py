@@ -129,9 +129,15 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     """GetModelStatus (loaded versions AVAILABLE, a failed one END with its error) and
     HandleReloadConfigRequest (a new model_config_list, applied before the answer)."""
 
-    def __init__(self, registry: ModelRegistry, on_reload: Callable[[list], None] | None = None):
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        on_reload: Callable[[list], None] | None = None,
+        forward: Callable[[model_management_pb2.ReloadConfigRequest], None] | None = None,
+    ):
         self.registry = registry
         self.on_reload = on_reload
+        self.forward = forward  # applies a reload in the other gRPC processes too
 
     def GetModelStatus(
         self, request: get_model_status_pb2.GetModelStatusRequest, context
@@ -166,6 +172,8 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
             self.registry.apply(specs)
             if self.on_reload is not None:
                 self.on_reload(specs)
+            if self.forward is not None:
+                self.forward(request)
         except Exception as error:
             _abort_with(context, error, "HandleReloadConfigRequest")
         response = model_management_pb2.ReloadConfigResponse()

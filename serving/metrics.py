@@ -1,11 +1,22 @@
 """Prometheus metrics of one server (its own registry, so servers in one process stay apart),
-exposed as text at TF Serving's `/monitoring/prometheus/metrics` on the REST port."""
+exposed as text at TF Serving's `/monitoring/prometheus/metrics` on the REST port. With several
+gRPC processes (prometheus-client's multiprocess mode, PROMETHEUS_MULTIPROC_DIR set before it
+is imported), the values are summed over the processes."""
 
+import os
 import threading
 import time
 from contextlib import contextmanager
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    values,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 METRICS_PATH = "/monitoring/prometheus/metrics"
@@ -34,7 +45,11 @@ class ServingMetrics:
     """Requests by model, version, signature, API and status; loads; in-flight; batch sizes."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        if self.multiprocess and values.ValueClass is values.MutexValue:
+            raise RuntimeError("PROMETHEUS_MULTIPROC_DIR was set after prometheus-client's import")
+        # Multiprocess mode: values live in files the collector sums; nothing is registered.
+        self.registry = None if self.multiprocess else CollectorRegistry(auto_describe=True)
         labels = ("model", "version", "signature", "api", "status")
         self.requests = Counter(
             "mtrec_serving_requests", "Predict requests answered", labels, registry=self.registry
@@ -47,11 +62,15 @@ class ServingMetrics:
             registry=self.registry,
         )
         self.in_flight = Gauge(
-            "mtrec_serving_requests_in_flight", "Requests being answered", registry=self.registry
+            "mtrec_serving_requests_in_flight",
+            "Requests being answered",
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self._active = 0  # requests being answered (the gauge reads it; the batcher asks it)
         self._active_lock = threading.Lock()
-        self.in_flight.set_function(lambda: self._active)
+        if not self.multiprocess:
+            self.in_flight.set_function(lambda: self._active)
         self.loads = Counter(
             "mtrec_serving_model_loads",
             "Version loads, by outcome (ok, failed)",
@@ -80,10 +99,14 @@ class ServingMetrics:
     def enter(self) -> None:
         with self._active_lock:
             self._active += 1
+        if self.multiprocess:
+            self.in_flight.inc()
 
     def leave(self) -> None:
         with self._active_lock:
             self._active -= 1
+        if self.multiprocess:
+            self.in_flight.dec()
 
     def active(self) -> int:
         """Requests being answered now (an int read: no lock needed)."""
@@ -104,4 +127,8 @@ class ServingMetrics:
         self.batch_size.observe(rows)
 
     def text(self) -> bytes:
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
         return generate_latest(self.registry)

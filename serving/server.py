@@ -1,8 +1,11 @@
 """The model server: a model registry + gRPC (PredictionService, ModelService, health) + optional
-REST, with version polling, config-file re-reading and graceful shutdown."""
+REST, with version polling, config-file re-reading and graceful shutdown; with
+`--grpc-processes N`, the first of N processes sharing the gRPC port (serving/processes.py)."""
 
+import functools
 import logging
 import os
+import socket
 import threading
 from concurrent import futures
 
@@ -18,6 +21,7 @@ from serving.metrics import ServingMetrics
 from serving.model_config import read_model_config
 from serving.models import ModelRegistry, ModelSpec, VersionPolicy
 from serving.predict import Predictor
+from serving.processes import GROUP_ENV, ControlEndpoint, StartedProcesses, forward_reload
 from serving.rest_api import AsgiApp, RestApi, RestServer
 from serving.signatures import Limits
 
@@ -49,12 +53,33 @@ def model_specs(config: ServerConfig) -> list[ModelSpec]:
     ]
 
 
+def check_port_free(host: str, port: int) -> None:
+    """ServerStartError when something listens on host:port (probed without SO_REUSEPORT)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no listener
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise ServerStartError(
+                f"cannot listen on {host}:{port} ({error.strerror or error})"
+            ) from None
+
+
 class ModelServer:
     """Start, serve, stop. `start()` loads what it can before it returns; health and /readyz
     turn SERVING only once every configured model has an AVAILABLE, warmed-up version."""
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, companion: bool = False):
         self.config = config.check()
+        self.companion = companion  # started by the first process of a group
+        self.group = (
+            os.environ.get(GROUP_ENV) if companion or config.grpc_processes > 1 else None
+        )  # the group's folder, when several processes share the port
+        if (companion or config.grpc_processes > 1) and not self.group:
+            raise ServerStartError(
+                f"--grpc-processes {config.grpc_processes}: start the server with `mtrec serve`"
+            )
         self.metrics = ServingMetrics()
         limits = Limits(
             config.max_batch_size,
@@ -77,8 +102,12 @@ class ModelServer:
         self._rest: RestServer | None = None
         self._executor: futures.ThreadPoolExecutor | None = None
         self._threads: list[threading.Thread] = []
+        self._control: ControlEndpoint | None = None
+        self._companions: StartedProcesses | None = None
         self._stop = threading.Event()
         self._stopped = threading.Event()
+        self._failed = threading.Event()
+        self.failure = ""  # why the server stopped on its own (a companion process exited)
         self._set_health(False)
 
     def _set_health(self, ready: bool) -> None:
@@ -107,19 +136,23 @@ class ModelServer:
                 )
         workers = config.grpc_workers
         size = config.max_request_bytes
+        if self.group and not self.companion and config.port:
+            # SO_REUSEPORT would let this group share a port another server listens on.
+            check_port_free(config.host, config.port)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
             options=[
                 ("grpc.max_receive_message_length", size),
                 ("grpc.max_send_message_length", size),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if self.group else 0),
             ],
         )
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
             PredictionServicer(self.predictor), server
         )
+        forward = functools.partial(forward_reload, self.group) if self.group else None
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-            ModelServicer(self.registry), server
+            ModelServicer(self.registry, forward=forward), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         address = (
@@ -134,6 +167,8 @@ class ModelServer:
         server.start()
         self._grpc = server
         try:
+            if self.group:
+                self._start_group()
             if config.rest_port != 0:
                 self._start_rest()
         except BaseException:
@@ -144,16 +179,32 @@ class ModelServer:
         if config.model_config_file and config.model_config_file_poll_wait_seconds > 0:
             self._spawn(self._watch_config, name="config-poller")
         log.info(
-            "serving %s: gRPC on %s:%d%s (%d handler threads, batching %s, polling %s)",
+            "serving %s: gRPC on %s:%d%s (%d handler threads%s, batching %s, polling %s)",
             ", ".join(f"{m.name} from {m.model_dir}" for m in self.registry.managers.values()),
             config.host,
             self.port,
             f", REST on {config.host}:{self.rest_port}" if self.rest_port else "",
             workers,
+            f" in each of {config.grpc_processes} processes" if self._companions else "",
             "on" if config.batching else "off",
             f"every {config.poll_seconds:g}s" if config.poll_seconds > 0 else "off",
         )
         return self
+
+    def _start_group(self) -> None:
+        """This process's control endpoint; the first process also starts its companions on
+        the port it got and waits until they serve."""
+        self._control = ControlEndpoint(self.group, ModelServicer(self.registry), self.health)
+        if self.companion:
+            return
+        self._companions = StartedProcesses(self.config, self.port, self.group)
+        self._companions.wait_until_serving()
+        self._companions.watch(self._fail)
+
+    def _fail(self, message: str) -> None:
+        log.error("%s: stopping the server", message)
+        self.failure = message
+        self._failed.set()
 
     def _start_rest(self) -> None:
         config = self.config
@@ -204,10 +255,21 @@ class ModelServer:
         self._stop.set()
         log.info("shutting down")
         self.health.enter_graceful_shutdown()
+        grace = self.config.grace_seconds if grace is None else grace
+        companions = None
+        if self._companions is not None:  # they drain while this process does
+            companions = threading.Thread(target=self._companions.stop, args=(grace,))
+            companions.start()
         if self._rest is not None:
             self._rest.stop()
         if self._grpc is not None:
-            self._grpc.stop(self.config.grace_seconds if grace is None else grace).wait()
+            self._grpc.stop(grace).wait()
+        if companions is not None:
+            companions.join()
+        if self._control is not None:
+            self._control.stop()
+        if self._companions is not None:
+            self._companions.remove_folder()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         for thread in self._threads:
@@ -217,7 +279,7 @@ class ModelServer:
 
     def wait(self, stop: threading.Event) -> None:
         """Block until `stop` is set (signal handlers set it), then shut down."""
-        while not stop.wait(1.0):
+        while not stop.wait(0.5) and not self._failed.is_set():
             pass
         self.stop()
 

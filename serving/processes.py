@@ -1,0 +1,190 @@
+"""Several processes answering gRPC on one port (`mtrec serve --grpc-processes N`).
+
+Why: one Python process serves at most what its GIL lets through (measured on 2 cores: ~1.1
+cores busy, whatever the thread count), while the cores have room. The processes bind the same
+port with SO_REUSEPORT and the kernel spreads connections over them; each loads the configured
+models and polls their folders and the config file itself, as replicas do.
+
+What stays one server:
+- `HandleReloadConfigRequest`, whichever process it reaches, is applied in every process (each
+  has a control socket in a shared folder) before it is answered;
+- metrics are summed over the processes (prometheus-client's multiprocess mode), served by the
+  first process, which also serves REST;
+- the first process is ready once every process has loaded and warmed up its models; if one
+  exits, the first process stops (exit status 1) and its orchestrator restarts the whole;
+- each started process ends when the first one does, even if that one is killed (its stdin is a
+  pipe from the first: end of file means stop).
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tensorflow_serving.apis import model_service_pb2_grpc
+
+from serving.config import ServerConfig
+from serving.errors import RequestError, ServerStartError
+
+log = logging.getLogger(__name__)
+
+GROUP_ENV = "MTREC_SERVE_GROUP_DIR"  # the group's folder: control sockets, metrics/
+CONFIG_ENV = "MTREC_SERVE_CONFIG"  # a started process's ServerConfig, as JSON
+METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's multiprocess mode
+START_SECONDS = 600.0  # a started process importing TensorFlow and loading every model
+RELOAD_SECONDS = 600.0  # a forwarded reload loads the new configuration's models
+STOP_SECONDS = 10.0  # beyond the grace period, before SIGKILL
+
+
+def prepare_group(config: ServerConfig) -> str | None:
+    """Create the group's folder and set its environment, before prometheus-client is imported
+    (its multiprocess mode is chosen at import). None when the server is one process."""
+    if config.grpc_processes <= 1 or os.environ.get(GROUP_ENV):
+        return os.environ.get(GROUP_ENV)
+    folder = tempfile.mkdtemp(prefix="mtrec-serve-")
+    os.makedirs(os.path.join(folder, "metrics"))
+    os.environ[GROUP_ENV] = folder
+    os.environ[METRICS_ENV] = os.path.join(folder, "metrics")
+    return folder
+
+
+def control_target(folder: str, pid: int) -> str:
+    return f"unix:{os.path.join(folder, f'{pid}.sock')}"
+
+
+class ControlEndpoint:
+    """This process's private endpoint (a Unix socket in the group folder): ModelService that
+    applies a reload here only, and this process's health."""
+
+    def __init__(self, folder: str, model_servicer, health_servicer):
+        self.server = grpc.server(futures.ThreadPoolExecutor(2, thread_name_prefix="control"))
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(model_servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)
+        self.server.add_insecure_port(control_target(folder, os.getpid()))
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop(0).wait()
+
+
+def forward_reload(folder: str, request) -> None:
+    """Apply a reload in every other process of the group; RequestError naming the first that
+    did not."""
+    own = f"{os.getpid()}.sock"
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".sock") or name == own:
+            continue
+        pid = name.removesuffix(".sock")
+        with grpc.insecure_channel(f"unix:{os.path.join(folder, name)}") as channel:
+            stub = model_service_pb2_grpc.ModelServiceStub(channel)
+            try:
+                stub.HandleReloadConfigRequest(request, timeout=RELOAD_SECONDS)
+            except grpc.RpcError as error:
+                raise RequestError(
+                    grpc.StatusCode.INTERNAL,
+                    f"applied here, but gRPC process {pid} did not apply it: {error.details()}",
+                ) from None
+
+
+class StartedProcesses:
+    """The first process's N-1 companions: started, waited for, watched, stopped."""
+
+    def __init__(self, config: ServerConfig, port: int, folder: str):
+        self.folder = folder
+        self._stopping = threading.Event()
+        companion = dataclasses.replace(config, port=port, rest_port=0, grpc_processes=1)
+        env = {**os.environ, CONFIG_ENV: json.dumps(dataclasses.asdict(companion))}
+        self.processes = [
+            subprocess.Popen(
+                [sys.executable, "-m", "serving.companion"], stdin=subprocess.PIPE, env=env
+            )
+            for _ in range(config.grpc_processes - 1)
+        ]
+
+    def wait_until_serving(self, timeout: float = START_SECONDS) -> None:
+        """Every companion's health SERVING (its models loaded and warmed up)."""
+        deadline = time.monotonic() + timeout
+        for process in self.processes:
+            with grpc.insecure_channel(control_target(self.folder, process.pid)) as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                while True:
+                    if process.poll() is not None:
+                        raise ServerStartError(
+                            f"gRPC process {process.pid} exited with status {process.returncode} "
+                            "while starting (its log is above)"
+                        )
+                    try:
+                        reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                            break
+                    except grpc.RpcError:
+                        pass  # not listening yet
+                    if time.monotonic() > deadline:
+                        raise ServerStartError(
+                            f"gRPC process {process.pid} did not become SERVING in {timeout:g}s"
+                        )
+                    time.sleep(0.1)
+
+    def watch(self, on_exit) -> None:
+        """Call on_exit(message) if a companion exits while the server is not stopping."""
+
+        def watcher(process: subprocess.Popen) -> None:
+            status = process.wait()
+            if not self._stopping.is_set():
+                on_exit(f"gRPC process {process.pid} exited with status {status}")
+
+        for process in self.processes:
+            threading.Thread(target=watcher, args=(process,), daemon=True).start()
+
+    def stop(self, grace: float) -> None:
+        """SIGTERM (they drain for `grace` seconds), then SIGKILL; their metrics retired."""
+        self._stopping.set()
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace + STOP_SECONDS
+        for process in self.processes:
+            try:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            if process.stdin:
+                process.stdin.close()
+            _retire_metrics(process.pid)
+
+    def remove_folder(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _retire_metrics(pid: int) -> None:
+    from prometheus_client import multiprocess
+
+    if os.environ.get(METRICS_ENV):
+        multiprocess.mark_process_dead(pid)
+
+
+def stop_when_stdin_closes(stop: threading.Event, orphaned: threading.Event) -> None:
+    """A companion's lifeline: its stdin is a pipe from the first process, which ends when that
+    process does, however it ends (a killed first process cannot remove the group folder: the
+    companion that sees the end does)."""
+
+    def read() -> None:
+        try:
+            while os.read(sys.stdin.fileno(), 4096):  # the raw descriptor: no buffer lock
+                pass
+            orphaned.set()
+        finally:
+            stop.set()
+
+    threading.Thread(target=read, name="lifeline", daemon=True).start()
