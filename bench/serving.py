@@ -364,11 +364,18 @@ def model_config(name: str, model_dir: str, extra: str = "") -> str:
 
 
 def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    """Resident memory of the server: the process and its companion gRPC processes."""
+    total = 0.0
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            total += sum(rss_mib(int(child)) for child in children.read().split())
+    except FileNotFoundError:
+        pass
+    return total
 
 
 async def _soak(args, port: int, pid: int, payloads: list[bytes], model_dir: str, conf: str):
@@ -442,7 +449,8 @@ async def _soak(args, port: int, pid: int, payloads: list[bytes], model_dir: str
         f"failed {sum(failures.values())} {failures or ''}; versions answering {sorted(versions)}"
     )
     print(
-        f"server RSS MiB: after warm-up {warm[0]:.0f}, end {rss[-1][1]:.0f}, "
+        f"server RSS MiB ({args.grpc_processes} process(es)): after warm-up {warm[0]:.0f}, "
+        f"end {rss[-1][1]:.0f}, "
         f"peak {max(m for _, m in rss):.0f}"
     )
 
