@@ -5,6 +5,7 @@
 # Serve (the server binds 127.0.0.1 unless told otherwise: in a container, every interface):
 #   docker run -p 8500:8500 -p 8501:8501 -v "$PWD/mtrec-output/serving:/models" REGISTRY/mtrec:0.1.0 \
 #     mtrec serve --host 0.0.0.0 --model-base-path /models --model-name mtrec --port 8500 --rest-port 8501
+#   (add --grpc-processes N to answer gRPC from N processes on N cores; README, "Several cores")
 FROM python:3.11-slim
 
 ARG EXTRAS=""
