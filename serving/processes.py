@@ -10,8 +10,9 @@ What stays one server:
   has a control socket in a shared folder) before it is answered;
 - metrics are summed over the processes (prometheus-client's multiprocess mode), served by the
   first process, which also serves REST;
-- the first process is ready once every process has loaded and warmed up its models; if one
-  exits, the first process stops (exit status 1) and its orchestrator restarts the whole;
+- the first process is ready (health, /readyz) only while every process has a warmed-up version
+  of every model; if one exits, the first process stops (exit status 1) and its orchestrator
+  restarts the whole;
 - each started process ends when the first one does, even if that one is killed (its stdin is a
   pipe from the first: end of file means stop).
 """
@@ -111,29 +112,38 @@ class StartedProcesses:
             for _ in range(config.grpc_processes - 1)
         ]
 
-    def wait_until_serving(self, timeout: float = START_SECONDS) -> None:
-        """Every companion's health SERVING (its models loaded and warmed up)."""
+    def wait_until_started(self, timeout: float = START_SECONDS) -> None:
+        """Every companion started: its initial load done and its control endpoint answering
+        (SERVING or not: with no version on disk yet, a server starts and waits for one)."""
         deadline = time.monotonic() + timeout
         for process in self.processes:
-            with grpc.insecure_channel(control_target(self.folder, process.pid)) as channel:
-                stub = health_pb2_grpc.HealthStub(channel)
-                while True:
-                    if process.poll() is not None:
-                        raise ServerStartError(
-                            f"gRPC process {process.pid} exited with status {process.returncode} "
-                            "while starting (its log is above)"
-                        )
-                    try:
-                        reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                        if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                            break
-                    except grpc.RpcError:
-                        pass  # not listening yet
-                    if time.monotonic() > deadline:
-                        raise ServerStartError(
-                            f"gRPC process {process.pid} did not become SERVING in {timeout:g}s"
-                        )
-                    time.sleep(0.1)
+            while self._health(process) is None:
+                if process.poll() is not None:
+                    raise ServerStartError(
+                        f"gRPC process {process.pid} exited with status {process.returncode} "
+                        "while starting (its log is above)"
+                    )
+                if time.monotonic() > deadline:
+                    raise ServerStartError(
+                        f"gRPC process {process.pid} did not start within {timeout:g}s"
+                    )
+                time.sleep(0.1)
+
+    def serving(self) -> bool:
+        """Every companion SERVING (each has a warmed-up version of every configured model)."""
+        serving = health_pb2.HealthCheckResponse.SERVING
+        return all(self._health(process) == serving for process in self.processes)
+
+    def _health(self, process: subprocess.Popen) -> int | None:
+        """The companion's health status; None when its control endpoint does not answer."""
+        with grpc.insecure_channel(control_target(self.folder, process.pid)) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=1.0
+                )
+            except grpc.RpcError:
+                return None
+        return reply.status
 
     def watch(self, on_exit) -> None:
         """Call on_exit(message) if a companion exits while the server is not stopping."""

@@ -72,10 +72,11 @@ class RestApi:
     """(method, path, body) -> (HTTP status, payload, content type); no sockets, so it is plain
     to test. A payload of bytes is sent as is; anything else as JSON."""
 
-    def __init__(self, predictor: Predictor, metrics_text=None):
+    def __init__(self, predictor: Predictor, metrics_text=None, ready=None):
         self.predictor = predictor
         self.registry: ModelRegistry = predictor.registry
         self.metrics_text = metrics_text or predictor.metrics.text
+        self.ready = ready or self.registry.ready  # with companions: theirs too
 
     def handle(self, method: str, path: str, body: bytes) -> tuple[int, Any, tuple]:
         try:
@@ -138,6 +139,8 @@ class RestApi:
             raise HttpError(
                 503, f"not ready: no version loaded yet for {', '.join(waiting) or '-'}"
             )
+        if not self.ready():
+            raise HttpError(503, "not ready: another gRPC process has not loaded every model yet")
         return {"status": "ready", "models": sorted(self.registry.managers)}
 
     def _predict(self, name: str, version: int | None, label: str, request: Any) -> dict:

@@ -119,9 +119,20 @@ class ModelServer:
         for service in ("", PREDICTION_SERVICE, MODEL_SERVICE):
             self.health.set(service, status)
 
+    def ready(self) -> bool:
+        """Every configured model has an AVAILABLE version, in every gRPC process (the health
+        follows the companions' at each poll of the model folders)."""
+        if self.group and not self.companion:
+            return (
+                self._companions is not None
+                and self.registry.ready()
+                and self._companions.serving()
+            )
+        return self.registry.ready()
+
     def _update_health(self) -> None:
         if not self._stop.is_set():
-            self._set_health(self.registry.ready())
+            self._set_health(self.ready())
 
     def start(self) -> "ModelServer":
         config = self.config
@@ -174,6 +185,7 @@ class ModelServer:
         except BaseException:
             self.stop(grace=0)  # nothing may keep running behind a failed start
             raise
+        self._update_health()  # with companions: now that they run
         if config.poll_seconds > 0:
             self._spawn(self.registry.watch, config.poll_seconds, self._stop, name="model-poller")
         if config.model_config_file and config.model_config_file_poll_wait_seconds > 0:
@@ -198,7 +210,7 @@ class ModelServer:
         if self.companion:
             return
         self._companions = StartedProcesses(self.config, self.port, self.group)
-        self._companions.wait_until_serving()
+        self._companions.wait_until_started()
         self._companions.watch(self._fail)
 
     def _fail(self, message: str) -> None:
@@ -210,7 +222,9 @@ class ModelServer:
         config = self.config
         port = max(config.rest_port, 0)  # -1 asks for a free port (tests)
         self._executor = futures.ThreadPoolExecutor(config.grpc_workers, thread_name_prefix="rest")
-        app = AsgiApp(RestApi(self.predictor), self._executor, config.max_request_bytes)
+        app = AsgiApp(
+            RestApi(self.predictor, ready=self.ready), self._executor, config.max_request_bytes
+        )
         try:
             self._rest = RestServer(
                 app,

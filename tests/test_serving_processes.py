@@ -5,6 +5,7 @@ and HTTP on loopback."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,7 +37,7 @@ def export(tmp_path_factory) -> dict[str, str]:
     return build_export(str(tmp_path_factory.mktemp("processes-export")))
 
 
-def start(export, *extra: str) -> tuple[subprocess.Popen, int, int]:
+def start(export, *extra: str, ready: bool = True) -> tuple[subprocess.Popen, int, int]:
     port, rest_port = free_port(), free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "serve", "--model-base-path", export["serving"],
@@ -45,14 +46,12 @@ def start(export, *extra: str) -> tuple[subprocess.Popen, int, int]:
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
-    def ready() -> bool:
+    def is_ready() -> bool:
         assert process.poll() is None, process.stderr.read()
-        try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{rest_port}/readyz").status == 200
-        except (urllib.error.URLError, ConnectionError):
-            return False
+        return status(f"http://127.0.0.1:{rest_port}/readyz") == 200
 
-    wait_for(ready, timeout=180, what="the server to be ready")
+    if ready:
+        wait_for(is_ready, timeout=180, what="the server to be ready")
     return process, port, rest_port
 
 
@@ -148,3 +147,35 @@ def test_grpc_processes_flag_is_checked(export):
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip() == "mtrec serve: error: --grpc-processes must be >= 1, got 0"
+
+
+def test_ready_only_once_every_process_has_a_version(export, tmp_path):
+    base = tmp_path / "base"
+    (base / MODEL).mkdir(parents=True)
+    process, port, rest_port = start(
+        {"serving": str(base)}, "--poll-seconds", "0.2", ready=False
+    )
+    try:
+        readyz = f"http://127.0.0.1:{rest_port}/readyz"
+        wait_for(lambda: status(readyz) == 503, timeout=180, what="the server to answer 503")
+        shutil.copytree(export["version_1"], base / MODEL / "1")
+        wait_for(lambda: status(readyz) == 200, timeout=60, what="readiness")
+        channels = [
+            grpc.insecure_channel(f"127.0.0.1:{port}", [("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(CONNECTIONS)
+        ]
+        for channel in channels:  # whichever process a connection reaches has the version
+            assert predict(channel).model_spec.version.value == 1
+            channel.close()
+    finally:
+        process.kill()
+        process.wait()
+
+
+def status(url: str) -> int | None:
+    try:
+        return urllib.request.urlopen(url).status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except (urllib.error.URLError, ConnectionError):
+        return None
