@@ -133,11 +133,12 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         self,
         registry: ModelRegistry,
         on_reload: Callable[[list], None] | None = None,
-        forward: Callable[[model_management_pb2.ReloadConfigRequest], None] | None = None,
+        apply: Callable[[model_management_pb2.ReloadConfigRequest, list], None] | None = None,
     ):
         self.registry = registry
         self.on_reload = on_reload
-        self.forward = forward  # applies a reload in the other gRPC processes too
+        # (request, specs) -> None; in a group of gRPC processes, applies it in all of them.
+        self.apply = apply or (lambda _request, specs: registry.apply(specs))
 
     def GetModelStatus(
         self, request: get_model_status_pb2.GetModelStatusRequest, context
@@ -169,11 +170,9 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         except ConfigError as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ReloadConfig: {error}")
         try:
-            self.registry.apply(specs)
+            self.apply(request, specs)
             if self.on_reload is not None:
                 self.on_reload(specs)
-            if self.forward is not None:
-                self.forward(request)
         except Exception as error:
             _abort_with(context, error, "HandleReloadConfigRequest")
         response = model_management_pb2.ReloadConfigResponse()

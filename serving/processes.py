@@ -6,8 +6,9 @@ port with SO_REUSEPORT and the kernel spreads connections over them; each loads 
 models and polls their folders and the config file itself, as replicas do.
 
 What stays one server:
-- `HandleReloadConfigRequest`, whichever process it reaches, is applied in every process (each
-  has a control socket in a shared folder) before it is answered;
+- `HandleReloadConfigRequest`, whichever process it reaches, is applied in every process, one
+  reload at a time (each process has a control socket in a shared folder), before it is
+  answered;
 - metrics are summed over the processes (prometheus-client's multiprocess mode), served by the
   first process, which also serves REST;
 - the first process is ready (health, /readyz) only while every process has a warmed-up version
@@ -78,23 +79,40 @@ class ControlEndpoint:
         self.server.stop(0).wait()
 
 
-def forward_reload(folder: str, request) -> None:
-    """Apply a reload in every other process of the group; RequestError naming the first that
-    did not."""
-    own = f"{os.getpid()}.sock"
-    for name in sorted(os.listdir(folder)):
-        if not name.endswith(".sock") or name == own:
-            continue
-        pid = name.removesuffix(".sock")
-        with grpc.insecure_channel(f"unix:{os.path.join(folder, name)}") as channel:
-            stub = model_service_pb2_grpc.ModelServiceStub(channel)
-            try:
-                stub.HandleReloadConfigRequest(request, timeout=RELOAD_SECONDS)
-            except grpc.RpcError as error:
-                raise RequestError(
-                    grpc.StatusCode.INTERNAL,
-                    f"applied here, but gRPC process {pid} did not apply it: {error.details()}",
-                ) from None
+class GroupReloads:
+    """A HandleReloadConfigRequest in a group, whichever process it reaches: the first process
+    applies it, then has each companion apply it (control sockets), one reload at a time, so
+    every process ends with the same configuration; a companion relays it to the first."""
+
+    def __init__(self, folder: str, registry, first: bool):
+        self.folder = folder
+        self.registry = registry
+        self.first = first
+        self._lock = threading.Lock()
+
+    def apply(self, request, specs) -> None:
+        if not self.first:
+            _reload(self.folder, os.getppid(), request)  # the first process started this one
+            return
+        own = f"{os.getpid()}.sock"
+        with self._lock:
+            self.registry.apply(specs)
+            for name in sorted(os.listdir(self.folder)):
+                if name.endswith(".sock") and name != own:
+                    _reload(self.folder, int(name.removesuffix(".sock")), request)
+
+
+def _reload(folder: str, pid: int, request) -> None:
+    """HandleReloadConfigRequest on one process's control socket; RequestError if it fails."""
+    with grpc.insecure_channel(control_target(folder, pid)) as channel:
+        stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        try:
+            stub.HandleReloadConfigRequest(request, timeout=RELOAD_SECONDS)
+        except grpc.RpcError as error:
+            raise RequestError(
+                grpc.StatusCode.INTERNAL,
+                f"gRPC process {pid} did not apply the configuration: {error.details()}",
+            ) from None
 
 
 class StartedProcesses:

@@ -2,7 +2,6 @@
 REST, with version polling, config-file re-reading and graceful shutdown; with
 `--grpc-processes N`, the first of N processes sharing the gRPC port (serving/processes.py)."""
 
-import functools
 import logging
 import os
 import socket
@@ -21,7 +20,7 @@ from serving.metrics import ServingMetrics
 from serving.model_config import read_model_config
 from serving.models import ModelRegistry, ModelSpec, VersionPolicy
 from serving.predict import Predictor
-from serving.processes import GROUP_ENV, ControlEndpoint, StartedProcesses, forward_reload
+from serving.processes import GROUP_ENV, ControlEndpoint, GroupReloads, StartedProcesses
 from serving.rest_api import AsgiApp, RestApi, RestServer
 from serving.signatures import Limits
 
@@ -161,9 +160,13 @@ class ModelServer:
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
             PredictionServicer(self.predictor), server
         )
-        forward = functools.partial(forward_reload, self.group) if self.group else None
+        self._reloads = (
+            GroupReloads(self.group, self.registry, first=not self.companion)
+            if self.group
+            else None
+        )
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-            ModelServicer(self.registry, forward=forward), server
+            ModelServicer(self.registry, apply=self._reloads and self._reloads.apply), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         address = (
@@ -206,7 +209,12 @@ class ModelServer:
     def _start_group(self) -> None:
         """This process's control endpoint; the first process also starts its companions on
         the port it got and waits until they serve."""
-        self._control = ControlEndpoint(self.group, ModelServicer(self.registry), self.health)
+        # The first process coordinates reloads arriving on its control socket (relayed by a
+        # companion); a companion applies what arrives on its own.
+        coordinate = None if self.companion else self._reloads.apply
+        self._control = ControlEndpoint(
+            self.group, ModelServicer(self.registry, apply=coordinate), self.health
+        )
         if self.companion:
             return
         self._companions = StartedProcesses(self.config, self.port, self.group)

@@ -97,19 +97,23 @@ def test_processes_act_as_one_server(export):
         # Metrics: every process's requests and loads, summed.
         assert metric(rest_port, "mtrec_serving_requests_total{") == CONNECTIONS
         assert metric(rest_port, 'mtrec_serving_model_loads_total{model="mtrec",outcome="ok"}') == 2
-        # A reload through one connection is applied in both processes before it is answered.
-        request = model_management_pb2.ReloadConfigRequest()
-        text_format.Parse(
-            f'model_config_list {{ config {{ name: "{MODEL}" base_path: '
-            f'"{os.path.join(export["serving"], MODEL)}" version_labels {{ key: "stable" '
-            "value: 1 } } }",
-            request.config,
-        )
-        model_service_pb2_grpc.ModelServiceStub(channels[0]).HandleReloadConfigRequest(
-            request, timeout=60
-        )
-        for channel in channels:
-            assert predict(channel, label="stable").model_spec.version.value == 1
+        # A reload, whichever process its connection reaches (a companion relays it to the first
+        # process), is applied in both before it is answered.
+        for i, channel in enumerate(channels):
+            request = model_management_pb2.ReloadConfigRequest()
+            text_format.Parse(
+                f'model_config_list {{ config {{ name: "{MODEL}" base_path: '
+                f'"{os.path.join(export["serving"], MODEL)}" version_labels {{ key: "l{i}" '
+                "value: 1 } } }",
+                request.config,
+            )
+            model_service_pb2_grpc.ModelServiceStub(channel).HandleReloadConfigRequest(
+                request, timeout=60
+            )
+            for other in channels:
+                assert predict(other, label=f"l{i}").model_spec.version.value == 1
+        with pytest.raises(grpc.RpcError, match="not configured"):
+            predict(channels[0], label="l0")
         # Another group cannot take the port over through SO_REUSEPORT.
         other = subprocess.run(
             [sys.executable, "-m", "pipeline.cli", "serve", "--model-base-path",
