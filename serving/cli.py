@@ -78,32 +78,37 @@ def serve_main(args: argparse.Namespace) -> int:
 def run_server(config, stop: threading.Event | None = None, companion: bool = False) -> int:
     """Start, serve until `stop` (or SIGTERM / Ctrl-C), drain. Exit status 0; 2 for a start-up
     problem (one `mtrec serve: error:` line); 1 when a companion gRPC process died."""
+    import shutil
+
     from components.errors import MtrecError
+    from serving.processes import prepare_group
 
+    group = prepare_group(config)  # before serving.server imports prometheus-client
     try:
-        configure_tensorflow_threads(config.inter_op_threads, config.intra_op_threads)
-        from serving.processes import prepare_group
+        try:
+            configure_tensorflow_threads(config.inter_op_threads, config.intra_op_threads)
+            from serving.server import ModelServer
 
-        prepare_group(config)  # before serving.server imports prometheus-client
-        from serving.server import ModelServer
+            server = ModelServer(config, companion=companion).start()
+        except MtrecError as error:
+            print(f"mtrec serve: error: {error}", file=sys.stderr)
+            return 2
+        stop = stop or threading.Event()
 
-        server = ModelServer(config, companion=companion).start()
-    except MtrecError as error:
-        print(f"mtrec serve: error: {error}", file=sys.stderr)
-        return 2
-    stop = stop or threading.Event()
+        def on_signal(signum, _frame) -> None:
+            log.info("received %s", signal.Signals(signum).name)
+            stop.set()
 
-    def on_signal(signum, _frame) -> None:
-        log.info("received %s", signal.Signals(signum).name)
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        server.wait(stop)
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            server.wait(stop)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return 1 if server.failure else 0
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 1 if server.failure else 0
+        if group:  # this process made the group's folder (companions are stopped by now)
+            shutil.rmtree(group, ignore_errors=True)
 
 
 def add_query_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,7 +22,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -49,10 +48,11 @@ STOP_SECONDS = 10.0  # beyond the grace period, before SIGKILL
 
 
 def prepare_group(config: ServerConfig) -> str | None:
-    """Create the group's folder and set its environment, before prometheus-client is imported
-    (its multiprocess mode is chosen at import). None when the server is one process."""
+    """For the first of several processes: create the group's folder (returned; the caller
+    removes it at the end) and set its environment, before prometheus-client is imported (its
+    multiprocess mode is chosen at import). None otherwise."""
     if config.grpc_processes <= 1 or os.environ.get(GROUP_ENV):
-        return os.environ.get(GROUP_ENV)
+        return None
     folder = tempfile.mkdtemp(prefix="mtrec-serve-")
     os.makedirs(os.path.join(folder, "metrics"))
     os.environ[GROUP_ENV] = folder
@@ -190,9 +190,6 @@ class StartedProcesses:
             if process.stdin:
                 process.stdin.close()
             _retire_metrics(process.pid)
-
-    def remove_folder(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _retire_metrics(pid: int) -> None:

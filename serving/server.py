@@ -290,8 +290,6 @@ class ModelServer:
             companions.join()
         if self._control is not None:
             self._control.stop()
-        if self._companions is not None:
-            self._companions.remove_folder()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         for thread in self._threads:
