@@ -5,7 +5,13 @@ import tensorflow as tf
 
 from components import features as F
 from components.config import DEFAULT_TRAINING
-from components.model import NO_MOVIE, FusedRatingHead, Recommender, SeenMovies
+from components.model import (
+    NO_MOVIE,
+    AveragedHeads,
+    FusedRatingHead,
+    Recommender,
+    SeenMovies,
+)
 from components.side_features import (
     AGE_EDGES,
     NUM_GENRES,
@@ -312,18 +318,27 @@ def test_rerank_reorders_the_pool_by_logit_plus_rating():
 
 def test_rating_heads_are_averaged_and_round_trip(tmp_path):
     model, *_ = _tiny_model(rating_heads=3, rating_hidden_units=(4,))
-    heads = [model.rating_head, *model.extra_rating_heads]
-    assert len(heads) == 3
-    # Different initial weights: the heads disagree, the prediction is their mean.
-    kernels = [head.layers[0].kernel.numpy() for head in heads]
-    assert not np.allclose(kernels[0], kernels[1])
+    head = model.rating_head
+    assert isinstance(head, AveragedHeads) and not model.extra_rating_heads
+    assert len(head.trainable_weights) == 4  # however many heads
+    kernel, bias = head.kernel.numpy(), head.bias.numpy()
+    out_kernel, out_bias = head.out_kernel.numpy(), float(head.out_bias.numpy())
+    blocks = [slice(4 * i, 4 * (i + 1)) for i in range(3)]
+    # Each head starts as its own Dense(4) / Dense(1) would: Glorot over its own fans, and
+    # from different values.
+    assert np.abs(kernel).max() <= np.sqrt(6 / (4 + 4)) and np.abs(out_kernel).max() <= np.sqrt(6 / 5)
+    assert not np.allclose(kernel[:, blocks[0]], kernel[:, blocks[1]])
+    model.user_bias.embeddings.assign(np.arange(4, dtype=np.float32)[:, None] / 10)
     users, movies = tf.constant([1, 2], tf.int32), tf.constant([3, 1], tf.int32)
     inputs = tf.concat([model.user_embedding(users), model.movie_embedding(movies)], axis=-1)
-    mean = np.mean([head(inputs).numpy()[:, 0] for head in heads], axis=0)
+    heads = [
+        np.maximum(inputs.numpy() @ kernel[:, b] + bias[b], 0) @ out_kernel[b, 0] + out_bias
+        for b in blocks
+    ]
     biases = (model.user_bias(users)[:, 0] + model.movie_bias(movies)[:, 0]).numpy()
     user, movie = model._user_vector(users), model._movie_vector(movies)
     np.testing.assert_allclose(
-        model._rating(users, movies, user, movie).numpy(), mean + biases, atol=1e-6
+        model._rating(users, movies, user, movie).numpy(), np.mean(heads, axis=0) + biases, atol=1e-6
     )
     model.save_artifact(str(tmp_path))
     loaded = Recommender.load_artifact(str(tmp_path))
