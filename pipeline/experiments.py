@@ -6,6 +6,7 @@ It reuses the stages' logic directly (no DAG): the comparison is an experiment, 
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -37,7 +38,12 @@ def prepare_examples(data_dir: str, work_dir: str, config: PreprocessingConfig) 
 
     examples = os.path.join(work_dir, "examples")
     if os.path.isfile(os.path.join(examples, F.STATS_FILE)):
-        return examples
+        from components.examples import load_stats
+
+        if "vocabulary" in load_stats(examples):  # else made by a version without vocabularies
+            return examples
+        log.info("%s was made by an older version: preprocessing again", examples)
+        shutil.rmtree(work_dir)
     ratings, movies = os.path.join(work_dir, "ratings"), os.path.join(work_dir, "movies")
     run_ingestion(data_dir, ratings, movies)
     run_preprocessing(ratings, examples, config)
