@@ -12,6 +12,7 @@ from components.errors import MtrecError
 LOOPBACK = "127.0.0.1"
 MAX_PORT = 65535
 MIB = 1024 * 1024
+MAX_GRPC_PROCESSES = 64  # each loads every model: a typo must not start a thousand
 
 
 class ConfigError(MtrecError):
@@ -180,6 +181,10 @@ class ServerConfig:
             value = getattr(self, name)
             if value < low:
                 found.append(f"--{_flag(name)} must be >= {low}, got {value}")
+        if self.grpc_processes > MAX_GRPC_PROCESSES:
+            found.append(
+                f"--grpc-processes must be <= {MAX_GRPC_PROCESSES}, got {self.grpc_processes}"
+            )
         if self.max_request_mib > 2047:
             found.append(
                 f"--max-request-mib must be < 2048 (gRPC's limit), got {self.max_request_mib}"

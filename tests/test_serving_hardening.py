@@ -412,6 +412,7 @@ def serve(*argv: str) -> argparse.Namespace:
         (("BASE", "--max-batch-size", "-1"), "--max-batch-size must be >= 1, got -1"),
         (("BASE", "--keep-versions", "0"), "--keep-versions must be >= 1, got 0"),
         (("BASE", "--workers", "-1"), "--workers must be >= 0, got -1"),
+        (("BASE", "--grpc-processes", "1000"), "--grpc-processes must be <= 64, got 1000"),
         (("BASE", "--port", "70000"), "--port must be in 0..65535"),
         (("BASE", "--poll-seconds", "nan"), "--poll-seconds must be >= 0"),
         (("BASE", "--model-config-file", "x.conf"), "exactly one of --model-base-path"),
