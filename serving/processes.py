@@ -72,7 +72,11 @@ class ControlEndpoint:
         self.server = grpc.server(futures.ThreadPoolExecutor(2, thread_name_prefix="control"))
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(model_servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)
-        self.server.add_insecure_port(control_target(folder, os.getpid()))
+        target = control_target(folder, os.getpid())
+        try:
+            self.server.add_insecure_port(target)
+        except RuntimeError as error:  # e.g. a path over the 107 bytes a Unix socket takes
+            raise ServerStartError(f"cannot listen on {target} ({error})") from None
         self.server.start()
 
     def stop(self) -> None:
