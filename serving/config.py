@@ -12,6 +12,9 @@ from components.errors import MtrecError
 LOOPBACK = "127.0.0.1"
 MAX_PORT = 65535
 MIB = 1024 * 1024
+# prometheus-client's multiprocess mode (several gRPC processes): where each process's values
+# live; read when prometheus-client is imported (here, so metrics and processes agree on it).
+METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 MAX_GRPC_PROCESSES = 64  # each loads every model: a typo must not start a thousand
 
 

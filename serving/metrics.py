@@ -19,6 +19,8 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from serving.config import METRICS_ENV
+
 METRICS_PATH = "/monitoring/prometheus/metrics"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Request latency buckets, seconds: sub-millisecond resolution where this server lives.
@@ -45,9 +47,9 @@ class ServingMetrics:
     """Requests by model, version, signature, API and status; loads; in-flight; batch sizes."""
 
     def __init__(self) -> None:
-        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.multiprocess = bool(os.environ.get(METRICS_ENV))
         if self.multiprocess and values.ValueClass is values.MutexValue:
-            raise RuntimeError("PROMETHEUS_MULTIPROC_DIR was set after prometheus-client's import")
+            raise RuntimeError(f"{METRICS_ENV} was set after prometheus-client's import")
         # Multiprocess mode: values live in files the collector sums; nothing is registered.
         self.registry = None if self.multiprocess else CollectorRegistry(auto_describe=True)
         labels = ("model", "version", "signature", "api", "status")

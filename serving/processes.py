@@ -34,14 +34,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import model_service_pb2_grpc
 
-from serving.config import ServerConfig
+from serving.config import METRICS_ENV, ServerConfig
 from serving.errors import RequestError, ServerStartError
 
 log = logging.getLogger(__name__)
 
 GROUP_ENV = "MTREC_SERVE_GROUP_DIR"  # the group's folder: control sockets, metrics/
 CONFIG_ENV = "MTREC_SERVE_CONFIG"  # a started process's ServerConfig, as JSON
-METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's multiprocess mode
 START_SECONDS = 600.0  # a started process importing TensorFlow and loading every model
 RELOAD_SECONDS = 600.0  # a forwarded reload loads the new configuration's models
 STOP_SECONDS = 10.0  # beyond the grace period, before SIGKILL
