@@ -319,13 +319,23 @@ def _port(line: str) -> int:
     return int(re.search(r"gRPC on 127\.0\.0\.1:(\d+)", line)[1])
 
 
-def start_echo_server(workers: int, processes: int = 1) -> tuple[list[subprocess.Popen], int]:
+def pinned_to(cpus: set[int] | None):
+    """A Popen preexec_fn that confines the child (and every thread it starts) to `cpus`."""
+    if not cpus:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def start_echo_server(
+    workers: int, processes: int = 1, cpus: set[int] | None = None
+) -> tuple[list[subprocess.Popen], int]:
     def echo(port: int) -> subprocess.Popen:
         return subprocess.Popen(
             [sys.executable, "-c", ECHO, str(workers), str(port)],
             stderr=subprocess.PIPE,
             text=True,
             cwd=REPO,
+            preexec_fn=pinned_to(cpus),
         )
 
     first = echo(0)
@@ -348,7 +358,13 @@ def start_server(args: argparse.Namespace, base: str) -> tuple[subprocess.Popen,
         "--batching" if args.batching else "--no-batching",
         *("--intra-op-threads", str(args.intra_op_threads)),
     ]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    process = subprocess.Popen(
+        command,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        preexec_fn=pinned_to(args.server_cpus),
+    )
     line = _wait_for_start(process)
     return process, _port(line), int(re.search(r"(\d+) handler threads", line)[1])
 
@@ -519,6 +535,19 @@ def print_table(rows: list[dict], floor: dict[int, dict]) -> None:
             )
 
 
+def cpu_list(text: str) -> set[int]:
+    try:
+        cpus = {int(part) for part in text.split(",")}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of cores: {text!r}") from None
+    unknown = cpus - set(range(os.cpu_count() or 1))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"core {min(unknown)} does not exist (this machine has 0..{(os.cpu_count() or 1) - 1})"
+        )
+    return cpus
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -551,6 +580,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--grpc-processes", type=int, default=1, help="server gRPC processes (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--server-cpus",
+        type=cpu_list,
+        help="confine the server and the floor server to these cores, as a Kubernetes pod "
+        "with exclusive cores is (comma-separated core numbers; default: any core)",
     )
     parser.add_argument(
         "--batching", action=argparse.BooleanOptionalAction, default=True, help="server batching"
@@ -651,7 +686,7 @@ def main() -> None:
 
     floor: dict[int, dict] = {}
     if args.floor:
-        echoes, port = start_echo_server(workers, args.grpc_processes)
+        echoes, port = start_echo_server(workers, args.grpc_processes, args.server_cpus)
         try:
             for clients in levels:
                 floor[clients] = run_grpc(
@@ -665,7 +700,8 @@ def main() -> None:
     print()
     print(
         f"{os.cpu_count()} cores; export {version_dir}; retrieve = 1 user, rank = {RANK_BATCH} pairs "
-        f"per request; server: {args.grpc_processes} process(es) x {workers} gRPC threads, "
+        f"per request; server: {args.grpc_processes} process(es) x {workers} gRPC threads"
+        f"{' on cores ' + ','.join(map(str, sorted(args.server_cpus))) if args.server_cpus else ''}, "
         f"batching {'on' if args.batching else 'off'}; "
         f"in-process: {args.in_process} calls"
     )
