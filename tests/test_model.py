@@ -102,6 +102,30 @@ def test_recommend_skips_padding_non_candidates_and_seen():
     assert ids.numpy().tolist() == [[3, 5, NO_MOVIE]]
 
 
+def test_exclusion_masks_match_a_reference_for_a_batch_of_users():
+    """Several users at once, repeated, one with nothing seen, one whose rows end a split;
+    padding, unknown and non-candidate ids excluded nowhere."""
+    model, *_ = _tiny_model()
+    seen = SeenMovies(np.array([0, 1, 1, 3, 3, 3]), np.array([2, 1, 5, 1, 3, 4]), 4)
+    users = np.array([3, 2, 1, 3, 0], np.int32)  # user 2 rated nothing
+    rated = {0: [2], 1: [1, 5], 2: [], 3: [1, 3, 4]}
+    candidates = model.candidate_ids.tolist()
+
+    def reference(lists):
+        mask = np.zeros((len(lists), len(candidates)), bool)
+        for row, movies in enumerate(lists):
+            for movie in movies:
+                if movie in candidates:
+                    mask[row, candidates.index(movie)] = True
+        return mask
+
+    got = model.seen_mask(tf.constant(users), seen).numpy()
+    np.testing.assert_array_equal(got, reference([rated[u] for u in users]))
+    excluded = np.array([[5, 0, 0], [4, 99, -1], [1, 2, 3]], np.int32)  # 4: no candidate
+    got = model.ids_mask(tf.constant(excluded)).numpy()
+    np.testing.assert_array_equal(got, reference(excluded.tolist()))
+
+
 def test_rating_is_clipped_to_unit_interval():
     """A head pushed far outside [0, 1] (large biases) still predicts within it."""
     model, *_ = _tiny_model()
