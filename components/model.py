@@ -349,17 +349,16 @@ class Recommender(keras.Model):
             user = user + self.user_feature_projection(tf.gather(self.user_features, user_ids))
         if self.user_history is None:
             return user
-        history = tf.gather(self.user_history.ragged(), user_ids)
-        rows = history.value_rowids()
-        vectors = self.history_embedding(history.flat_values)
-        counts = tf.cast(history.row_lengths(), "float32")
+        rows, movie_ids = self.user_history.pairs(user_ids)
+        batch = tf.shape(user_ids)[0]
+        vectors = self.history_embedding(movie_ids)
+        kept = tf.ones_like(movie_ids, "float32")
         if leave_out_movie_ids is not None:
-            own = tf.cast(
-                tf.equal(history.flat_values, tf.gather(leave_out_movie_ids, rows)), "float32"
-            )
-            vectors = vectors * (1.0 - own)[:, None]
-            counts = counts - tf.math.unsorted_segment_sum(own, rows, tf.shape(user_ids)[0])
-        total = tf.math.unsorted_segment_sum(vectors, rows, tf.shape(user_ids)[0])
+            own = tf.equal(movie_ids, tf.cast(tf.gather(leave_out_movie_ids, rows), tf.int32))
+            kept = 1.0 - tf.cast(own, "float32")
+            vectors = vectors * kept[:, None]
+        counts = tf.math.unsorted_segment_sum(kept, rows, batch)
+        total = tf.math.unsorted_segment_sum(vectors, rows, batch)
         counts = tf.maximum(counts, 1.0)
         scale = counts if self.config.user_history_pooling == "mean" else tf.sqrt(counts)
         return user + total / scale[:, None]
