@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from components.baselines import EASE, BiasModel, global_mean_predict, popularity_top_k
-from components.metrics import hit_rate_curve, ndcg_at_k, recall_at_k, rmse
+from components.evaluation.baselines import EASE, BiasModel, global_mean_predict, popularity_top_k
+from components.evaluation.metrics import hit_rate_curve, ndcg_at_k, recall_at_k, rmse
 
 DEFAULT_DATA = "/work/shared/data/ml-100k/u.data"
 SEED = 42

@@ -16,7 +16,7 @@ import tempfile
 
 from bench.quality import K, carve_validation, fit_model, load_splits, model_metrics, tune_ease
 from components.config import DEFAULT_TRAINING, TrainingConfig
-from components.evaluation import topk_metrics
+from components.evaluation.evaluator import topk_metrics
 
 # The default of issue 12 (8 epochs at 1e-2), rebuilt from today's default.
 EIGHT = DEFAULT_TRAINING.replace(

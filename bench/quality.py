@@ -6,7 +6,7 @@ over training seeds, with every hyperparameter chosen on a validation split carv
 Protocol (issue 10): the pipeline's random split (seeded hash, test_fraction 0.2, split_seed 42);
 validation = VALIDATION_FRACTION of the train rows, carved with a seeded permutation. The model
 and EASE both fit on train minus validation; EASE's lambda is chosen on validation; the test split
-is read once, at the end. Top-k metrics are `components.evaluation`'s (seen = the whole train
+is read once, at the end. Top-k metrics are `components.evaluation.evaluator`'s (seen = the whole train
 split excluded). Run by hand: about 3 minutes on 2 CPU cores.
 
 Temporal split: when preprocessing offers one, pass its examples folder with --examples-dir; the
@@ -25,8 +25,10 @@ from collections.abc import Callable
 import numpy as np
 
 from components import features as F
-from components import metrics as M
-from components.baselines import (
+from components.artifacts.vocabulary import load_vocabularies
+from components.config import DEFAULT_TRAINING, PreprocessingConfig, TrainingConfig
+from components.evaluation import metrics as M
+from components.evaluation.baselines import (
     EASE,
     EASE_LAMBDAS,
     BiasModel,
@@ -34,10 +36,8 @@ from components.baselines import (
     ease_skip_reason,
     popularity_top_k,
 )
-from components.config import DEFAULT_TRAINING, PreprocessingConfig, TrainingConfig
-from components.evaluation import Split, rating_metrics, topk_metrics
-from components.report import format_table
-from components.vocabulary import load_vocabularies
+from components.evaluation.evaluator import Split, rating_metrics, topk_metrics
+from components.evaluation.report import format_table
 
 DEFAULT_DATA_DIR = "/work/shared/data/ml-100k"
 VALIDATION_FRACTION = 0.1
@@ -81,7 +81,7 @@ def load_splits(data_dir: str, work_dir: str, examples_dir: str = "") -> tuple[S
     """(train, test, num_movies) of the pipeline's own preprocessing (ingested once); the
     examples' vocabularies are kept for the side-features lever."""
     global VOCABULARIES
-    from components.examples import load_stats
+    from components.artifacts.examples import load_stats
     from pipeline.experiments import prepare_examples
 
     examples = examples_dir or prepare_examples(data_dir, work_dir, PreprocessingConfig())
@@ -109,9 +109,9 @@ def fit_model(
     import keras
     import tensorflow as tf
 
-    from components.model import Recommender
-    from components.side_features import load_side_features
-    from components.training import make_optimizer
+    from components.training.model import Recommender
+    from components.training.side_features import load_side_features
+    from components.training.trainer import make_optimizer
 
     keras.utils.set_random_seed(config.shuffle_seed)
     counts = np.bincount(fit.movies, minlength=num_movies)
@@ -157,7 +157,7 @@ def model_metrics(model, seen: Split, heldout: Split) -> dict[str, float]:
     through its signatures; this bench trains many models from numpy rows)."""
     import tensorflow as tf
 
-    from components.model import SeenMovies
+    from components.training.model import SeenMovies
 
     table = SeenMovies(seen.users, seen.movies, model.num_users)
     metrics = topk_metrics(model_top_k(model, K, table), heldout)
@@ -205,7 +205,7 @@ def beyond_accuracy(
     tops: dict[str, np.ndarray], fit: Split, seen: Split, heldout: Split
 ) -> tuple[list[dict], list[dict]]:
     """(coverage@10 and novelty@10 per system, hit/recall/NDCG@10 per user-activity and
-    item-popularity slice per system), all from `components.metrics`."""
+    item-popularity slice per system), all from `components.evaluation.metrics`."""
     rows_evaluated = np.unique(heldout.users)
     num_candidates = len(np.unique(fit.movies))
     num_rows = next(iter(tops.values())).shape[0]
@@ -271,7 +271,7 @@ def run(
     `refit` (test only): after EASE's lambda is chosen on validation, fit the model and every
     baseline on the whole train split instead of train minus validation, as the pipeline's
     training stage does; hyperparameters stay the validation-chosen ones."""
-    from components.model import SeenMovies
+    from components.training.model import SeenMovies
 
     train, test, num_movies = load_splits(data_dir, work_dir, examples_dir)
     fit, validation = carve_validation(train)

@@ -55,7 +55,7 @@ from tensorflow_serving.apis import (  # noqa: E402
 )
 
 from components import features as F  # noqa: E402
-from components.layout import metadata_path  # noqa: E402
+from components.artifacts.model_versions import metadata_path  # noqa: E402
 
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
 RANK_BATCH = 10
@@ -69,9 +69,9 @@ OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 def build_export(data_dir: str, work_dir: str, model_name: str, epochs: int) -> str:
     """The pipeline's own stages on a raw ml-100k folder; returns the export base path."""
     from components.config import DEFAULT_TRAINING, PreprocessingConfig
-    from components.ingestion import run_ingestion
-    from components.preprocessing import run_preprocessing
-    from components.training import run_training
+    from components.ingestion.ingest import run_ingestion
+    from components.preprocessing.pipeline import run_preprocessing
+    from components.training.trainer import run_training
 
     ratings, movies, examples = (
         os.path.join(work_dir, n) for n in ("ratings", "movies", "examples")

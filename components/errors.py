@@ -6,6 +6,10 @@ import sys
 KFP_EXECUTOR_MODULE = "kfp.dsl.executor_main"
 
 
+# At most this many problems (bad lines, dead letters) are named in a report or an error.
+MAX_REPORTED_PROBLEMS = 20
+
+
 class MtrecError(Exception):
     """Base class: the message names the problem (file, line, field or setting)."""
 

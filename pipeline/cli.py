@@ -145,8 +145,8 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from components.evaluation import table_rows
-    from components.report import format_table
+    from components.evaluation.evaluator import table_rows
+    from components.evaluation.report import format_table
     from pipeline.runners import run_local
 
     config = config_from_args(args)
@@ -217,7 +217,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from components.ingestion import run_ingestion
+    from components.ingestion.ingest import run_ingestion
 
     config = config_from_args(args)
     report = run_ingestion(
@@ -228,7 +228,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from components.preprocessing import run_preprocessing
+    from components.preprocessing.pipeline import run_preprocessing
 
     config = config_from_args(args)
     stats = run_preprocessing(args.ratings, args.output, config.preprocessing, args.beam_args)
@@ -237,7 +237,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from components.training import run_training
+    from components.training.trainer import run_training
 
     config = config_from_args(args)
     history = run_training(args.examples, args.output, config.training, config.model_name)
@@ -246,8 +246,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from components.evaluation import run_evaluation
-    from components.report import format_table
+    from components.evaluation.evaluator import run_evaluation
+    from components.evaluation.report import format_table
 
     config = config_from_args(args)
     result = run_evaluation(
@@ -264,7 +264,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_infra_validate(args: argparse.Namespace) -> int:
-    from components.infra_validation import run_infra_validation
+    from components.infra_validation.validator import run_infra_validation
 
     result = run_infra_validation(args.model, args.output, args.model_name)
     print(json.dumps(result, indent=2))
@@ -272,7 +272,7 @@ def cmd_infra_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from components.pusher import push
+    from components.push.pusher import push
 
     path = push(
         args.model,
@@ -287,7 +287,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from components.report import format_table
+    from components.evaluation.report import format_table
     from pipeline.experiments import compare_variants
 
     rows = compare_variants(args.data_dir, args.output, args.epochs)
@@ -297,7 +297,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _version(text: str) -> int:
-    from components.layout import MAX_VERSION
+    from components.artifacts.model_versions import MAX_VERSION
 
     if not text.isdigit() or not 0 < int(text) <= MAX_VERSION:
         raise argparse.ArgumentTypeError(f"expected an integer in 1..{MAX_VERSION}, got {text!r}")

@@ -20,7 +20,7 @@ from components.config import (
     PreprocessingConfig,
     TrainingConfig,
 )
-from components.evaluation import (
+from components.evaluation.evaluator import (
     Scored,
     Split,
     concat_splits,
@@ -33,12 +33,12 @@ log = logging.getLogger(__name__)
 
 def prepare_examples(data_dir: str, work_dir: str, config: PreprocessingConfig) -> str:
     """Ingest + preprocess once; returns the examples folder (reused when already there)."""
-    from components.ingestion import run_ingestion
-    from components.preprocessing import run_preprocessing
+    from components.ingestion.ingest import run_ingestion
+    from components.preprocessing.pipeline import run_preprocessing
 
     examples = os.path.join(work_dir, "examples")
     if os.path.isfile(os.path.join(examples, F.STATS_FILE)):
-        from components.examples import load_stats
+        from components.artifacts.examples import load_stats
 
         if "vocabulary" in load_stats(examples):  # else made by a version without vocabularies
             return examples
@@ -75,10 +75,10 @@ def train_and_evaluate(examples_dir: str, configs: dict[str, TrainingConfig]) ->
     SavedModel training writes."""
     import tempfile
 
-    from components.examples import load_stats
-    from components.saved_model import ServedModel
-    from components.training import run_training
-    from components.vocabulary import load_vocabularies
+    from components.artifacts.examples import load_stats
+    from components.artifacts.saved_model import ServedModel
+    from components.artifacts.vocabulary import load_vocabularies
+    from components.training.trainer import run_training
 
     vocabularies = load_vocabularies(examples_dir, load_stats(examples_dir))
     train = Split.load(examples_dir, F.TRAIN_SPLIT)
@@ -115,8 +115,8 @@ def baseline_rows(examples_dir: str, num_rows: int) -> tuple[list[dict], dict[st
 def compare_variants(data_dir: str, out_dir: str, epochs: int | None = None) -> list[dict]:
     """The seed's table (its configuration, three variants) next to ours, plus baselines; writes a
     report into `out_dir` and returns the table rows."""
-    from components.examples import load_stats
-    from components.report import write_report
+    from components.artifacts.examples import load_stats
+    from components.evaluation.report import write_report
 
     examples = prepare_examples(data_dir, out_dir, PreprocessingConfig())
     configs = {

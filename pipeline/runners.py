@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from components import features as F
 from components import storage
+from components.artifacts.model_versions import latest_version_path
 from components.config import KubeflowConfig, PipelineConfig
 from components.errors import MtrecError
-from components.layout import latest_version_path
 from pipeline.dag import create_pipeline
 from pipeline.display import StageRouter
 

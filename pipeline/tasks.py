@@ -18,7 +18,7 @@ def ingestion_op(
     and movies artifacts."""
     from components.config import IngestionConfig
     from components.errors import exit_on_error
-    from components.ingestion import run_ingestion
+    from components.ingestion.ingest import run_ingestion
 
     with exit_on_error():
         config = IngestionConfig.from_dict(ingestion_config)
@@ -39,7 +39,7 @@ def preprocessing_op(
     """Beam: parse, normalise and split the ratings into TFRecords (+ stats.json, dead letters)."""
     from components.config import PreprocessingConfig
     from components.errors import exit_on_error
-    from components.preprocessing import run_preprocessing
+    from components.preprocessing.pipeline import run_preprocessing
 
     with exit_on_error():
         config = PreprocessingConfig.from_dict(preprocessing_config)
@@ -61,7 +61,7 @@ def training_op(
     the serving SavedModel as the Model artifact; `refit_on_all`: the final fit on every split."""
     from components.config import TrainingConfig
     from components.errors import exit_on_error
-    from components.training import run_training
+    from components.training.trainer import run_training
 
     with exit_on_error():
         history = run_training(
@@ -95,8 +95,8 @@ def evaluation_op(
 
     from components.config import GateConfig
     from components.errors import exit_on_error
-    from components.evaluation import run_evaluation
-    from components.report import REPORT_HTML
+    from components.evaluation.evaluator import run_evaluation
+    from components.evaluation.report import REPORT_HTML
 
     with exit_on_error():
         result = run_evaluation(
@@ -120,7 +120,7 @@ def evaluation_op(
 def infra_validation_op(model: Input[Model], model_name: str, infra_blessing: Output[Artifact]):
     """Load the candidate as TF Serving does and in `mtrec serve`; replay its warmup requests."""
     from components.errors import exit_on_error
-    from components.infra_validation import run_infra_validation
+    from components.infra_validation.validator import run_infra_validation
 
     with exit_on_error():
         result = run_infra_validation(model.path, infra_blessing.path, model_name)
@@ -137,7 +137,7 @@ def push_op(
 ):
     """Copy the blessed, infra-validated SavedModel to `<serving_model_dir>/<model_name>/<v>/`."""
     from components.errors import exit_on_error
-    from components.pusher import push
+    from components.push.pusher import push
     from components.storage import basename
 
     with exit_on_error():

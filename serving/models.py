@@ -21,7 +21,7 @@ from typing import NamedTuple
 import grpc
 
 from components import storage
-from components.layout import list_versions
+from components.artifacts.model_versions import list_versions
 from serving.errors import RequestError, invalid_argument, not_found
 from serving.signatures import DEFAULT_LIMITS, Limits, LoadedVersion
 

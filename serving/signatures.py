@@ -20,7 +20,7 @@ from tensorflow.python.util import deprecation
 from tensorflow_serving.apis import prediction_log_pb2
 
 from components import features as F
-from components.layout import METADATA_DIR, SAVED_MODEL_FILE, WARMUP_FILE
+from components.artifacts.model_versions import METADATA_DIR, SAVED_MODEL_FILE, WARMUP_FILE
 from serving.batching import Batcher
 from serving.errors import RequestError, invalid_argument
 from serving.tensors import (

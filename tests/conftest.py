@@ -130,8 +130,8 @@ def ml100k_dir() -> str:
 def small_examples(tmp_path_factory, small_data_dir) -> dict[str, str]:
     """Ingestion + Beam preprocessing outputs of the small data set (built once per session)."""
     from components.config import PreprocessingConfig
-    from components.ingestion import run_ingestion
-    from components.preprocessing import run_preprocessing
+    from components.ingestion.ingest import run_ingestion
+    from components.preprocessing.pipeline import run_preprocessing
 
     root = tmp_path_factory.mktemp("small-artifacts")
     ratings, movies, examples = (str(root / name) for name in ("ratings", "movies", "examples"))
@@ -147,7 +147,7 @@ SMALL_TRAINING = {"epochs": 3, "batch_size": 128}
 def small_model(small_examples):
     """A model trained briefly on the small set (enough for round trips, not for quality)."""
     from components.config import DEFAULT_TRAINING
-    from components.training import train_model
+    from components.training.trainer import train_model
 
     model, history = train_model(
         small_examples["examples"], DEFAULT_TRAINING.replace(**SMALL_TRAINING)
@@ -159,7 +159,7 @@ def small_model(small_examples):
 def small_saved_model(tmp_path_factory, small_examples) -> str:
     """The training stage's artifact (the serving SavedModel) for the small set."""
     from components.config import DEFAULT_TRAINING
-    from components.training import run_training
+    from components.training.trainer import run_training
 
     path = str(tmp_path_factory.mktemp("trained") / "model")
     run_training(small_examples["examples"], path, DEFAULT_TRAINING.replace(**SMALL_TRAINING))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from components import baselines
-from components.baselines import (
+from components.evaluation import baselines
+from components.evaluation.baselines import (
     EASE,
     BiasModel,
     choose_by_validation,

@@ -9,7 +9,7 @@ from pipeline.display import StageRouter
 KFP_LINES = [
     "08:00:00.000 - INFO - Executing task \x1b[96m'ingestion-op'\x1b[0m\n",
     "08:00:00.100 - INFO - Streamed logs:\n",
-    "    INFO components.ingestion: ingested 100 ratings\n",
+    "    INFO components.ingestion.movielens: ingested 100 ratings\n",
     "08:00:00.500 - INFO - Task \x1b[96m'ingestion-op'\x1b[0m finished with status \x1b[92mSUCCESS\x1b[0m\n",
     "08:00:00.600 - INFO - Executing task 'training-op'\n",
     f"    {progress.MARKER} {{\"done\": 5, \"total\": 10, \"unit\": \"steps\"}}\n",

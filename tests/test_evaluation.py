@@ -5,20 +5,20 @@ import numpy as np
 import pytest
 
 from components import features as F
-from components import metrics as M
+from components.artifacts.examples import load_stats
+from components.artifacts.saved_model import ServedModel, export_saved_model
+from components.artifacts.vocabulary import load_vocabularies
 from components.config import GateConfig
-from components.evaluation import (
+from components.evaluation import metrics as M
+from components.evaluation.evaluator import (
     Split,
     evaluate,
     score_served_model,
     topk_metrics,
     write_evaluation,
 )
-from components.examples import load_stats
-from components.gates import build_gates
-from components.model import SeenMovies
-from components.saved_model import ServedModel, export_saved_model
-from components.vocabulary import load_vocabularies
+from components.evaluation.gates import build_gates
+from components.training.model import SeenMovies
 
 METRICS = {"hit@10": 0.25, "rmse": 0.228}
 BASELINES = {"popularity": {"hit@10": 0.14}, "user+item bias": {"rmse": 0.2366}}
@@ -143,8 +143,8 @@ def test_the_previous_model_is_scored_by_the_same_code(tmp_path, small_examples,
 
 
 def test_ease_is_skipped_with_a_reason_on_a_large_catalogue():
-    from components.baselines import EASE_MAX_ITEMS
-    from components.evaluation import fit_ease
+    from components.evaluation.baselines import EASE_MAX_ITEMS
+    from components.evaluation.evaluator import fit_ease
 
     ids = np.array([1, 2], dtype=np.int32)
     train = Split(ids, np.array([1, EASE_MAX_ITEMS + 5], dtype=np.int32), np.zeros(2), np.zeros(2))

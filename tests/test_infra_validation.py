@@ -6,9 +6,13 @@ import shutil
 import pytest
 
 from components import features as F
+from components.artifacts.saved_model import read_warmup_requests
 from components.errors import GateError
-from components.infra_validation import infra_validate, run_as_tf_serving, run_infra_validation
-from components.saved_model import read_warmup_requests
+from components.infra_validation.validator import (
+    infra_validate,
+    run_as_tf_serving,
+    run_infra_validation,
+)
 
 
 def test_tf1_session_runs_every_signature_by_tensor_name(small_saved_model):

@@ -6,13 +6,8 @@ import pytest
 
 from components import features as F
 from components.errors import DataError
-from components.ingestion import (
-    BadRow,
-    Rating,
-    parse_movie_line,
-    parse_rating_line,
-    run_ingestion,
-)
+from components.ingestion.ingest import run_ingestion
+from components.ingestion.parsing import BadRow, Rating, parse_movie_line, parse_rating_line
 
 
 def test_parse_rating_line_valid():
@@ -133,7 +128,7 @@ def test_tfds_offline_fails_fast_with_a_clear_message(tmp_path):
     """Offline (as on CI), the tfds path says to pass --data-dir, within seconds."""
     import socket
 
-    from components import ingestion
+    from components.ingestion import tfds as ingestion
 
     try:
         socket.create_connection((ingestion.DOWNLOAD_HOST, 443), timeout=3).close()
@@ -148,7 +143,7 @@ def test_tfds_offline_fails_fast_with_a_clear_message(tmp_path):
 
 
 def test_tfds_names_follow_the_movielens_size():
-    from components.ingestion import tfds_names
+    from components.ingestion.tfds import tfds_names
 
     assert tfds_names("movielens/1m-ratings") == ("movielens/1m-ratings", "movielens/1m-movies")
     with pytest.raises(DataError, match="expected a MovieLens ratings data set"):
@@ -156,7 +151,8 @@ def test_tfds_names_follow_the_movielens_size():
 
 
 def test_the_tfds_half_star_layout_parses_numbers():
-    from components.ingestion import TFDS_HALF_STARS, parse_block, parse_rating_line
+    from components.ingestion.layouts import TFDS_HALF_STARS
+    from components.ingestion.parsing import parse_block, parse_rating_line
 
     assert parse_rating_line("7\t42\t3.5\t100\n", "tfds", 1, TFDS_HALF_STARS).stars == 3.5
     assert parse_block("7\t42\t3.5\t100\n", TFDS_HALF_STARS)["stars"].tolist() == [3.5]
@@ -204,9 +200,9 @@ def test_wrong_header_and_unknown_folders_are_named(tmp_path):
 
 
 def test_duplicate_ratings_are_counted_and_the_newest_kept(tmp_path):
+    from components.artifacts.examples import load_columns
     from components.config import PreprocessingConfig
-    from components.examples import load_columns
-    from components.preprocessing import run_preprocessing
+    from components.preprocessing.pipeline import run_preprocessing
 
     data = tmp_path / "data"
     data.mkdir()

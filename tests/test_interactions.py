@@ -5,12 +5,12 @@ import os
 
 import pytest
 
+from components.artifacts.examples import load_stats
+from components.artifacts.vocabulary import INT64, STRING, load_vocabularies
 from components.config import IngestionConfig, PreprocessingConfig
 from components.errors import DataError
-from components.examples import load_stats
-from components.ingestion import run_ingestion
-from components.preprocessing import run_preprocessing
-from components.vocabulary import INT64, STRING, load_vocabularies
+from components.ingestion.ingest import run_ingestion
+from components.preprocessing.pipeline import run_preprocessing
 from tests.conftest import write_interactions
 
 

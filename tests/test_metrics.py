@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from components.metrics import (
+from components.evaluation.metrics import (
     bucket_by_edges,
     bucket_labels,
     coverage_at_k,

@@ -5,14 +5,14 @@ import tensorflow as tf
 
 from components import features as F
 from components.config import DEFAULT_TRAINING
-from components.model import (
+from components.training.model import (
     NO_MOVIE,
     AveragedHeads,
     FusedRatingHead,
     Recommender,
     SeenMovies,
 )
-from components.side_features import (
+from components.training.side_features import (
     AGE_EDGES,
     NUM_GENRES,
     YEAR_EDGES,
@@ -413,7 +413,7 @@ def test_rating_input_dropout_acts_in_training_only():
 
 
 def test_ema_swaps_the_weight_average_in_at_the_end_of_fit():
-    from components.training import make_optimizer
+    from components.training.trainer import make_optimizer
 
     config = DEFAULT_TRAINING.replace(
         embedding_dim=2, ema_momentum=0.9, epochs=2, batch_size=4, rerank_pool=0,
@@ -506,7 +506,7 @@ def test_deduplicated_columns_equal_one_column_per_row(negatives, remove_hits):
 def test_lazy_embedding_updates_touch_only_the_batch_rows():
     """With lazy_embedding_updates the tables carry no regularizer (their L2 is the
     optimizer's, row-wise), the optimizer is LazyAdam, and a step moves only the rows looked up."""
-    from components.optimizers import LazyAdam
+    from components.training.optimizers import LazyAdam
 
     counts = np.array([0, 5, 3, 2, 1, 1])
     config = DEFAULT_TRAINING.replace(

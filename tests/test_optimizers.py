@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from components.optimizers import LazyAdagrad, LazyAdam, LazySGD, lazy
+from components.training.optimizers import LazyAdagrad, LazyAdam, LazySGD, lazy
 
 ROWS = np.array([3, 1, 3, 0], np.int32)  # row 3 twice: its values are summed
 VALUES = np.arange(8, dtype=np.float32).reshape(4, 2) / 10 - 0.3

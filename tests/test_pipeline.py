@@ -6,6 +6,7 @@ import tensorflow as tf
 import yaml
 
 from components import features as F
+from components.artifacts.model_versions import list_versions
 from components.config import (
     SEED_TRAINING,
     ConfigError,
@@ -15,7 +16,6 @@ from components.config import (
     PreprocessingConfig,
     TrainingConfig,
 )
-from components.layout import list_versions
 from pipeline import cli
 from pipeline.dag import compile_pipeline
 
@@ -358,7 +358,7 @@ def _stats_path(output) -> str:
 
 @pytest.mark.slow
 def test_refit_on_all_pushes_the_final_fit_and_keeps_the_blessing(tmp_path, small_data_dir):
-    from components.saved_model import read_metadata
+    from components.artifacts.saved_model import read_metadata
     from pipeline.runners import run_local
 
     config = PipelineConfig(

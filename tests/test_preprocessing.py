@@ -9,19 +9,12 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from components import features as F
+from components.artifacts.examples import encode_example, split_files
 from components.config import PreprocessingConfig
 from components.errors import DataError
-from components.examples import encode_example, split_files
-from components.ingestion import (
-    INTERACTIONS,
-    ML_100K,
-    ML_CSV,
-    ML_DAT,
-    BadRow,
-    parse_block,
-    parse_rating_line,
-)
-from components.preprocessing import (
+from components.ingestion.layouts import INTERACTIONS, ML_100K, ML_CSV, ML_DAT
+from components.ingestion.parsing import BadRow, parse_block, parse_rating_line
+from components.preprocessing.pipeline import (
     DEAD_LETTER_TAG,
     SPLIT_ORDER,
     ParseRatings,
@@ -268,7 +261,7 @@ def test_a_failed_rerun_removes_the_previous_outputs(tmp_path):
 
 
 def _read_split(out, split):
-    from components.examples import load_columns
+    from components.artifacts.examples import load_columns
 
     columns = load_columns(str(out), split)
     return sorted(zip(columns[F.USER_ID].tolist(), columns[F.TIMESTAMP].tolist(), strict=True))

@@ -14,9 +14,9 @@ import pytest
 
 from components import features as F
 from components import storage
+from components.artifacts.model_versions import MAX_VERSION, SAVED_MODEL_FILE, list_versions
 from components.errors import DataError, GateError
-from components.layout import MAX_VERSION, SAVED_MODEL_FILE, list_versions
-from components.pusher import CLAIM_PREFIX, claim_version, push
+from components.push.pusher import CLAIM_PREFIX, claim_version, push
 
 
 def _verdict(folder, name, blessed=True):
@@ -105,7 +105,8 @@ def test_concurrent_claims_get_distinct_versions(where, request, tmp_path):
 
 def _push_then_die(after_files: int, args: tuple) -> None:
     """A push whose process is SIGKILLed right after its n-th file is written."""
-    from components import pusher, storage
+    from components import storage
+    from components.push import pusher
 
     real = storage.upload_file
     written = []
@@ -154,7 +155,7 @@ def test_a_killed_push_never_yields_a_loadable_partial_version(
 
 def test_a_live_push_is_not_cleaned(tmp_path):
     """A claim whose owner is alive (this process) is kept by another push's cleanup."""
-    from components.pusher import clean_leftovers
+    from components.push.pusher import clean_leftovers
 
     model_dir = str(tmp_path / "m")
     os.makedirs(model_dir)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components.report import format_table, write_report
+from components.evaluation.report import format_table, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -58,7 +58,7 @@ def test_write_report(tmp_path: Path) -> None:
 
 
 def test_one_training_panel_per_metric_train_against_validation() -> None:
-    from components.report import training_panels
+    from components.evaluation.report import training_panels
 
     panels = training_panels({"rmse": [0.3], "val_rmse": [0.31], "retrieval_loss": [6.0]})
     assert panels == {

@@ -7,8 +7,8 @@ import time
 import pytest
 
 from components import storage
+from components.artifacts.model_versions import SAVED_MODEL_FILE, list_versions
 from components.config import GateConfig, PipelineConfig, TrainingConfig
-from components.layout import SAVED_MODEL_FILE, list_versions
 
 
 def _upload_folder(local: str, remote: str) -> None:
@@ -85,8 +85,8 @@ def test_a_broken_candidate_is_never_pushed(tmp_path, s3_bucket, small_saved_mod
 
     from components import features as F
     from components.errors import GateError
-    from components.infra_validation import run_infra_validation
-    from components.pusher import push
+    from components.infra_validation.validator import run_infra_validation
+    from components.push.pusher import push
 
     broken = str(tmp_path / "broken")
     shutil.copytree(small_saved_model, broken)

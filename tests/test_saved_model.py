@@ -8,9 +8,8 @@ import pytest
 import tensorflow as tf
 
 from components import features as F
-from components.examples import load_columns, load_stats
-from components.model import SeenMovies
-from components.saved_model import (
+from components.artifacts.examples import load_columns, load_stats
+from components.artifacts.saved_model import (
     SIGNATURES,
     WARMUP_FILE,
     ServedModel,
@@ -19,6 +18,7 @@ from components.saved_model import (
     read_metadata,
     read_warmup_requests,
 )
+from components.training.model import SeenMovies
 
 SCORE_ATOL = 1e-5  # scores are O(1) dot products; kernels differ across CPUs by ~1e-7
 
@@ -35,7 +35,7 @@ def all_seen(small_examples, small_model):
 
 @pytest.fixture(scope="module")
 def vocab(small_examples):
-    from components.vocabulary import load_vocabularies
+    from components.artifacts.vocabulary import load_vocabularies
 
     examples = small_examples["examples"]
     return load_vocabularies(examples, load_stats(examples))
@@ -149,8 +149,8 @@ def test_unknown_movies_are_rejected_with_a_message_naming_them(exported):
 
 
 def test_new_versions_never_overwrite(tmp_path, small_model, all_seen, vocab):
+    from components.artifacts.model_versions import list_versions
     from components.errors import DataError
-    from components.layout import list_versions
 
     base = str(tmp_path)
     export_saved_model(small_model, all_seen, vocab, base, "m")

@@ -46,9 +46,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def build_export(root: str) -> dict[str, str]:
     """Ingest, preprocess (Beam), train 2 epochs: training's SavedModel is version 1."""
     from components.config import DEFAULT_TRAINING, PreprocessingConfig
-    from components.ingestion import run_ingestion
-    from components.preprocessing import run_preprocessing
-    from components.training import run_training
+    from components.ingestion.ingest import run_ingestion
+    from components.preprocessing.pipeline import run_preprocessing
+    from components.training.trainer import run_training
 
     paths = {
         name: os.path.join(root, name)

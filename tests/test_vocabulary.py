@@ -6,7 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from components.vocabulary import INT64, OOV_INDEX, STRING, Vocabulary, id_kind_of
+from components.artifacts.vocabulary import INT64, OOV_INDEX, STRING, Vocabulary, id_kind_of
 
 
 @pytest.mark.parametrize(
@@ -58,11 +58,11 @@ def test_vocabulary_file_round_trip(tmp_path):
 
 def test_preprocessing_writes_vocabularies_sized_by_ids_not_by_their_values(tmp_path):
     """A user id of 2**40 and one of 5,000,000 cost one embedding row each."""
+    from components.artifacts.examples import load_columns, load_stats
+    from components.artifacts.vocabulary import load_vocabularies
     from components.config import PreprocessingConfig
-    from components.examples import load_columns, load_stats
-    from components.ingestion import run_ingestion
-    from components.preprocessing import run_preprocessing
-    from components.vocabulary import load_vocabularies
+    from components.ingestion.ingest import run_ingestion
+    from components.preprocessing.pipeline import run_preprocessing
     from tests.conftest import write_movielens
 
     data = write_movielens(str(tmp_path / "data"), users=30, movies=20, per_user=10)

@@ -23,9 +23,14 @@ from typing import Any
 
 from components import features as F
 from components import storage
+from components.artifacts.model_versions import (
+    MAX_VERSION,
+    SAVED_MODEL_FILE,
+    is_version_name,
+    list_versions,
+)
+from components.artifacts.saved_model import check_model_dir
 from components.errors import DataError, GateError
-from components.layout import MAX_VERSION, SAVED_MODEL_FILE, is_version_name, list_versions
-from components.saved_model import check_model_dir
 
 log = logging.getLogger(__name__)
 

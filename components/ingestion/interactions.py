@@ -22,18 +22,13 @@ import numpy as np
 
 from components import features as F
 from components import storage
+from components.artifacts.ratings import IngestionReport, staged_outputs, write_json
+from components.artifacts.vocabulary import INT64, STRING, id_kind_of
 from components.config import IngestionConfig
 from components.errors import DataError
-from components.ingestion import (
-    _DIGITS,
-    INTERACTIONS,
-    SIGNED_NUMBER,
-    IngestionReport,
-    _outputs,
-    _write_json,
-    superseded_duplicates,
-)
-from components.vocabulary import INT64, STRING, id_kind_of
+from components.ingestion.layouts import INTERACTIONS
+from components.ingestion.movielens import superseded_duplicates
+from components.ingestion.parsing import DIGITS, SIGNED_NUMBER
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 IMPLICIT_STARS = 1.0  # every logged interaction is a positive
@@ -150,7 +145,7 @@ def _number(value, field: str) -> float:
 def _timestamp(value, field: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
+    if isinstance(value, str) and DIGITS.fullmatch(value.strip()):
         return int(value)
     if hasattr(value, "timestamp"):  # a Parquet timestamp column arrives as datetime
         return int(value.timestamp())
@@ -178,7 +173,7 @@ def ingest_interactions(
 ) -> IngestionReport:
     """Ingest your own logs (and optional item catalogue) into the ratings and movies
     artifacts."""
-    with _outputs(ratings_dir, movies_dir) as tmp:
+    with staged_outputs(ratings_dir, movies_dir) as tmp:
         path = _local(config.interactions, tmp, "interactions")
         report = _write_ratings(config, path, tmp)
         if config.items:
@@ -189,7 +184,7 @@ def ingest_interactions(
         else:
             movies = report.movies
         report.movies = movies
-        _write_json(os.path.join(tmp, F.INGESTION_REPORT), report.to_dict())
+        write_json(os.path.join(tmp, F.INGESTION_REPORT), report.to_dict())
         if path != config.interactions:
             os.remove(path)
     return report

@@ -41,22 +41,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from components import features as F
 from components import progress
-from components.config import PreprocessingConfig
-from components.errors import DataError
-from components.examples import TFRECORD_SUFFIX, encode_examples, load_stats
-from components.ingestion import (
-    LAYOUTS,
-    ML_100K,
-    BadRow,
-    Layout,
-    numbered_lines,
-    parse_block,
-    parse_rating_line,
-    read_line_blocks,
-    read_report,
-)
-from components.storage import PARTIAL_SUFFIX, atomic_output_dir
-from components.vocabulary import (
+from components.artifacts.examples import TFRECORD_SUFFIX, encode_examples, load_stats
+from components.artifacts.ratings import read_report
+from components.artifacts.vocabulary import (
     INT64,
     MOVIES_FILE,
     USERS_FILE,
@@ -65,6 +52,17 @@ from components.vocabulary import (
     Vocabulary,
     id_array,
 )
+from components.config import PreprocessingConfig
+from components.errors import MAX_REPORTED_PROBLEMS, DataError
+from components.ingestion.layouts import LAYOUTS, ML_100K, Layout
+from components.ingestion.parsing import (
+    BadRow,
+    numbered_lines,
+    parse_block,
+    parse_rating_line,
+    read_line_blocks,
+)
+from components.storage import PARTIAL_SUFFIX, atomic_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +70,6 @@ TEMP_DIR = ".writing"  # the shard writers' files before they are renamed into s
 BUCKET_BITS = 16  # histogram resolution of the exact-count split
 KEY_BITS = 64
 DEAD_LETTER_TAG = "dead_letter"
-MAX_REPORTED_PROBLEMS = 20
 _COLUMNS = ("users", "movies", "stars", "timestamps", "keys")
 RECENCY_HASH_BITS = 22
 SPLIT_RANDOM, SPLIT_TEMPORAL, SPLIT_LAST_K = "random", "temporal", "last-k"

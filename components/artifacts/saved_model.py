@@ -27,9 +27,14 @@ from typing import Any
 import numpy as np
 
 from components import features as F
+from components.artifacts.model_versions import (
+    METADATA_DIR,
+    METADATA_FILE,
+    SAVED_MODEL_FILE,
+    WARMUP_FILE,
+)
+from components.artifacts.vocabulary import INT64
 from components.errors import DataError
-from components.layout import METADATA_DIR, METADATA_FILE, SAVED_MODEL_FILE, WARMUP_FILE
-from components.vocabulary import INT64
 
 HISTORY_FILE = F.HISTORY_FILE
 WARMUP_USERS = 4  # ids per warmup request
@@ -127,7 +132,7 @@ def build_export_archive(
     import keras
     import tensorflow as tf
 
-    from components.model import NO_MOVIE
+    from components.training.model import NO_MOVIE
 
     model.index_candidates()
     lookups = IdLookups(vocabularies)
@@ -441,8 +446,8 @@ def export_saved_model(
     version: int | None = None,
 ) -> str:
     """Write a SavedModel straight into a local TF Serving layout, `<base>/<name>/<version>/`
-    (tests and benchmarks; a pipeline pushes the trained artifact with `components.pusher`)."""
-    from components.layout import list_versions
+    (tests and benchmarks; a pipeline pushes the trained artifact with `components.push.pusher`)."""
+    from components.artifacts.model_versions import list_versions
     from components.storage import atomic_output_dir
 
     model_dir = os.path.join(base_dir, model_name)

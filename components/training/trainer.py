@@ -15,12 +15,12 @@ import tensorflow as tf
 
 from components import features as F
 from components import progress
+from components.artifacts.examples import load_columns, load_stats, make_dataset
+from components.artifacts.saved_model import write_saved_model
+from components.artifacts.vocabulary import load_vocabularies
 from components.config import ConfigError, TrainingConfig
-from components.examples import load_columns, load_stats, make_dataset
-from components.model import Recommender, SeenMovies
-from components.saved_model import write_saved_model
 from components.storage import atomic_output_dir
-from components.vocabulary import load_vocabularies
+from components.training.model import Recommender, SeenMovies
 
 log = logging.getLogger(__name__)
 

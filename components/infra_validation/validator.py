@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from components import features as F
+from components.artifacts.saved_model import check_model_dir, read_warmup_requests
 from components.errors import GateError
-from components.saved_model import check_model_dir, read_warmup_requests
 from components.storage import atomic_output_dir
 
 log = logging.getLogger(__name__)

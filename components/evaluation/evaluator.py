@@ -23,9 +23,15 @@ from typing import Any
 import numpy as np
 
 from components import features as F
-from components import metrics as M
 from components import progress, storage
-from components.baselines import (
+from components.artifacts.examples import load_columns, load_stats
+from components.artifacts.model_versions import latest_version_path
+from components.artifacts.saved_model import ServedModel, read_history, read_metadata
+from components.artifacts.vocabulary import load_vocabularies
+from components.config import GateConfig
+from components.errors import DataError
+from components.evaluation import metrics as M
+from components.evaluation.baselines import (
     EASE,
     EASE_LAMBDAS,
     BiasModel,
@@ -34,14 +40,8 @@ from components.baselines import (
     global_mean_predict,
     popularity_top_k,
 )
-from components.config import GateConfig
-from components.errors import DataError
-from components.examples import load_columns, load_stats
-from components.gates import Gate, all_passed, build_gates
-from components.ingestion import ML_100K
-from components.layout import latest_version_path
-from components.saved_model import ServedModel, read_history, read_metadata
-from components.vocabulary import load_vocabularies
+from components.evaluation.gates import Gate, all_passed, build_gates
+from components.ingestion.layouts import ML_100K
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +339,7 @@ def evaluate(
     # loading and scoring (TensorFlow ops): each waits less for the other on a few cores.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="baselines") as pool:
         pending = pool.submit(evaluate_baselines, train, validation, test, num_rows, explicit)
-        pool.submit(importlib.import_module, "components.report")  # matplotlib, for the report
+        pool.submit(importlib.import_module, "components.evaluation.report")  # matplotlib, for the report
         candidate = ServedModel(model_dir, vocabularies)
         model = score_served_model(candidate, seen, test, train)
         baselines, notes = pending.result()
@@ -388,7 +388,7 @@ def write_evaluation(
     """metrics.json, blessing.json and the report (Markdown, HTML, PNGs), published together
     into `out_dir`. `context` feeds the report: history, data statistics, configuration,
     stage timings."""
-    from components.report import write_report
+    from components.evaluation.report import write_report
 
     with storage.atomic_output_dir(out_dir) as staging:
         with open(os.path.join(staging, F.METRICS_FILE), "w", encoding="utf-8") as handle:

@@ -23,7 +23,7 @@ from keras import ops
 
 from components import features as F
 from components.config import TrainingConfig
-from components.optimizers import lazy as lazy_optimizer
+from components.training.optimizers import lazy as lazy_optimizer
 
 EXCLUDED_SCORE = -1e9  # score given to excluded candidates before top-k
 NO_MOVIE = -1  # returned id when fewer than k candidates remain after exclusion
