@@ -14,15 +14,13 @@ from components.config import PreprocessingConfig
 from components.errors import DataError
 from components.ingestion.layouts import INTERACTIONS, ML_100K, ML_CSV, ML_DAT
 from components.ingestion.parsing import BadRow, parse_block, parse_rating_line
-from components.preprocessing.pipeline import (
-    DEAD_LETTER_TAG,
+from components.preprocessing.parse import DEAD_LETTER_TAG, ParseRatings, ParseSettings
+from components.preprocessing.pipeline import run_preprocessing
+from components.preprocessing.splits import (
     SPLIT_ORDER,
-    ParseRatings,
-    ParseSettings,
     SplitRatings,
     assign_splits,
     find_cuts,
-    run_preprocessing,
     split_keys,
     split_sizes,
 )
