@@ -157,7 +157,7 @@ def model_metrics(model, seen: Split, heldout: Split) -> dict[str, float]:
     through its signatures; this bench trains many models from numpy rows)."""
     import tensorflow as tf
 
-    from components.training.model import SeenMovies
+    from components.training.seen_movies import SeenMovies
 
     table = SeenMovies(seen.users, seen.movies, model.num_users)
     metrics = topk_metrics(model_top_k(model, K, table), heldout)
@@ -271,7 +271,7 @@ def run(
     `refit` (test only): after EASE's lambda is chosen on validation, fit the model and every
     baseline on the whole train split instead of train minus validation, as the pipeline's
     training stage does; hyperparameters stay the validation-chosen ones."""
-    from components.training.model import SeenMovies
+    from components.training.seen_movies import SeenMovies
 
     train, test, num_movies = load_splits(data_dir, work_dir, examples_dir)
     fit, validation = carve_validation(train)

@@ -18,7 +18,7 @@ from components.evaluation.evaluator import (
     write_evaluation,
 )
 from components.evaluation.gates import build_gates
-from components.training.model import SeenMovies
+from components.training.seen_movies import SeenMovies
 
 METRICS = {"hit@10": 0.25, "rmse": 0.228}
 BASELINES = {"popularity": {"hit@10": 0.14}, "user+item bias": {"rmse": 0.2366}}

@@ -5,13 +5,10 @@ import tensorflow as tf
 
 from components import features as F
 from components.config import DEFAULT_TRAINING
-from components.training.model import (
-    NO_MOVIE,
-    AveragedHeads,
-    FusedRatingHead,
-    Recommender,
-    SeenMovies,
-)
+from components.training.fused_head import FusedRatingHead
+from components.training.layers import NO_MOVIE, AveragedHeads
+from components.training.model import Recommender
+from components.training.seen_movies import SeenMovies
 from components.training.side_features import (
     AGE_EDGES,
     NUM_GENRES,
@@ -230,12 +227,12 @@ def test_history_pooling_leaves_out_the_training_movie(pooling):
     model = _history_model(pooling)
     scale = (lambda n: n) if pooling == "mean" else np.sqrt
     # Inference: user 1 pools movies 1, 2, 3 = [3, 5]; user 2 movie 1; user 0 has no history.
-    pooled = model._user_vector(tf.constant([1, 2, 0], tf.int32)).numpy()
+    pooled = model.user_vector(tf.constant([1, 2, 0], tf.int32)).numpy()
     np.testing.assert_allclose(
         pooled, [[1 + 3 / scale(3), 5 / scale(3)], [1, 2], [0, 0]], atol=1e-6
     )
     # Training pairs (1, 2), (1, 3): pool the other two movies; (2, 1): nothing left.
-    left_out = model._user_vector(
+    left_out = model.user_vector(
         tf.constant([1, 1, 2], tf.int32), tf.constant([2, 3, 1], tf.int32)
     ).numpy()
     np.testing.assert_allclose(
@@ -256,7 +253,7 @@ def test_history_model_needs_history_and_round_trips(tmp_path):
     loaded = Recommender.load_artifact(str(tmp_path))
     users = tf.constant([1, 2], tf.int32)
     np.testing.assert_allclose(
-        loaded._user_vector(users).numpy(), model._user_vector(users).numpy(), atol=1e-6
+        loaded.user_vector(users).numpy(), model.user_vector(users).numpy(), atol=1e-6
     )
 
 
@@ -305,12 +302,12 @@ def test_side_features_enter_both_towers(tmp_path):
     model.movie_feature_projection.kernel.assign(movie_projection)
     ids = tf.constant([1, 2], tf.int32)
     np.testing.assert_allclose(
-        model._user_vector(ids).numpy(),
+        model.user_vector(ids).numpy(),
         model.user_embedding(ids).numpy() + user_table[[1, 2]] @ user_projection,
         atol=1e-6,
     )
     np.testing.assert_allclose(
-        model._movie_vector(ids).numpy(), model.movie_embedding(ids).numpy() + 1.5, atol=1e-6
+        model.movie_vector(ids).numpy(), model.movie_embedding(ids).numpy() + 1.5, atol=1e-6
     )
     model.index_candidates()
     model.save_artifact(str(tmp_path))
@@ -360,7 +357,7 @@ def test_rating_heads_are_averaged_and_round_trip(tmp_path):
         for b in blocks
     ]
     biases = (model.user_bias(users)[:, 0] + model.movie_bias(movies)[:, 0]).numpy()
-    user, movie = model._user_vector(users), model._movie_vector(movies)
+    user, movie = model.user_vector(users), model.movie_vector(movies)
     np.testing.assert_allclose(
         model._rating(users, movies, user, movie).numpy(), np.mean(heads, axis=0) + biases, atol=1e-6
     )
@@ -387,9 +384,9 @@ def test_fused_rating_head_equals_the_heads(table, extras):
     users = tf.constant([1, 2, 3], tf.int32)
     movies = tf.constant([[3, 1], [2, 5], [0, 3]], tf.int32)  # 2 per user, padding included
     flat_users, flat_movies = tf.repeat(users, 2), tf.reshape(movies, [-1])
-    user, movie = model._user_vector(flat_users), model._movie_vector(flat_movies)
+    user, movie = model.user_vector(flat_users), model.movie_vector(flat_movies)
     expected = model._rating(flat_users, flat_movies, user, movie).numpy()
-    fused = model.fused_rating_head(model, users, flat_movies, model._user_vector(users), 2)
+    fused = model.fused_rating_head(model, users, flat_movies, model.user_vector(users), 2)
     np.testing.assert_allclose(fused.numpy(), expected, atol=1e-5)
     np.testing.assert_allclose(
         model.predict_rating(flat_users, flat_movies).numpy(), np.clip(expected, 0, 1), atol=1e-5
@@ -405,7 +402,7 @@ def test_fused_rating_head_equals_the_heads(table, extras):
 def test_rating_input_dropout_acts_in_training_only():
     model, *_ = _tiny_model(rating_input_dropout=0.5)
     users, movies = tf.constant([1, 2, 3] * 20, tf.int32), tf.constant([1, 2, 3] * 20, tf.int32)
-    user, movie = model._user_vector(users), model._movie_vector(movies)
+    user, movie = model.user_vector(users), model.movie_vector(movies)
     inference = model._rating(users, movies, user, movie).numpy()
     np.testing.assert_allclose(inference, model._rating(users, movies, user, movie).numpy())
     trained = model._rating(users, movies, user, movie, training=True).numpy()
@@ -450,12 +447,12 @@ def _masked_reference_loss(model, user_ids, movie_ids, sampled_ids=None):
     """The in-batch / mixed retrieval loss as one column per batch row (and per sample), the
     accidental hits masked out: the formulation the deduplicated columns must equal."""
     config = model.config
-    query = model._user_vector(user_ids) / config.temperature
-    movie = model._movie_vector(movie_ids)
+    query = model.user_vector(user_ids) / config.temperature
+    movie = model.movie_vector(movie_ids)
     column_ids, columns = movie_ids, movie
     if sampled_ids is not None:
         column_ids = tf.concat([movie_ids, sampled_ids], 0)
-        columns = tf.concat([movie, model._movie_vector(sampled_ids)], 0)
+        columns = tf.concat([movie, model.movie_vector(sampled_ids)], 0)
     batch = tf.shape(movie_ids)[0]
     correction = config.sampling_correction_weight * model._log_q(column_ids, batch)
     logits = tf.matmul(query, columns, transpose_b=True) - correction[None, :]

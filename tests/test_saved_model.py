@@ -18,7 +18,7 @@ from components.artifacts.saved_model import (
     read_metadata,
     read_warmup_requests,
 )
-from components.training.model import SeenMovies
+from components.training.seen_movies import SeenMovies
 
 SCORE_ATOL = 1e-5  # scores are O(1) dot products; kernels differ across CPUs by ~1e-7
 

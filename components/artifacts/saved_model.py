@@ -132,7 +132,7 @@ def build_export_archive(
     import keras
     import tensorflow as tf
 
-    from components.training.model import NO_MOVIE
+    from components.training.layers import NO_MOVIE
 
     model.index_candidates()
     lookups = IdLookups(vocabularies)

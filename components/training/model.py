@@ -9,6 +9,10 @@ feed two heads:
   normalised rating, trained with MSE.
 Loss = retrieval_weight * retrieval CE + ranking_weight * MSE. The learning-rate schedule is
 installed at compile time from the config, so the training loop stays a plain `fit`.
+
+One job, one class: the Keras model (towers, heads, losses, the training step's regularisation,
+retrieval and recommendation); its layers are in `layers.py`, the export-time rating head in
+`fused_head.py`, the seen-movies table in `seen_movies.py`.
 """
 
 import json
@@ -16,42 +20,34 @@ import os
 from typing import Any
 
 import keras
-import keras_rs
 import numpy as np
 import tensorflow as tf
 from keras import ops
 
 from components import features as F
 from components.config import TrainingConfig
+from components.training.fused_head import FusedRatingHead
+from components.training.layers import (
+    EXCLUDED_SCORE,
+    NO_MOVIE,
+    AveragedHeads,
+    ExcludingBruteForceRetrieval,
+    TableEmbedding,
+    row_logsumexp,
+)
 from components.training.optimizers import lazy as lazy_optimizer
+from components.training.seen_movies import SeenMovies
 
-EXCLUDED_SCORE = -1e9  # score given to excluded candidates before top-k
-NO_MOVIE = -1  # returned id when fewer than k candidates remain after exclusion
 WEIGHTS_FILE = "model.weights.h5"
+
+
 SPEC_FILE = "model.json"
+
+
 HISTORY_FILE = "user_history.npz"  # the training history the user tower pools, when it does
+
+
 FEATURES_FILE = "side_features.npz"  # id-indexed user and movie side features, when used
-# Largest per-movie hidden-layer table a recommendation reads instead of multiplying (float32):
-# 1,682 movies x 5 heads x 256 units is 8.6 MB; bigger catalogues multiply per candidate.
-MAX_RATING_TABLE_BYTES = 64 * 2**20
-
-
-class ExcludingBruteForceRetrieval(keras_rs.layers.BruteForceRetrieval):
-    """keras-rs brute-force top-k that can skip, per query, candidates marked as excluded
-    (movies the user already rated). Excluded slots never come back as recommendations: when
-    fewer than k candidates remain, the tail is filled with id -1 and score -inf."""
-
-    def call(self, inputs, excluded=None, k: int | None = None):
-        k = k or self.k
-        scores = self.compute_score(inputs, self.candidate_embeddings)
-        if excluded is not None:
-            scores = ops.where(excluded, EXCLUDED_SCORE, scores)
-        top_scores, top_index = ops.top_k(scores, k=k)
-        top_ids = ops.take(self.candidate_ids, top_index, axis=0)
-        missing = top_scores <= EXCLUDED_SCORE / 2
-        top_ids = ops.where(missing, NO_MOVIE, top_ids)
-        top_scores = ops.where(missing, float("-inf"), top_scores)
-        return top_scores, top_ids
 
 
 def learning_rate_schedule(
@@ -64,79 +60,6 @@ def learning_rate_schedule(
     return keras.optimizers.schedules.CosineDecay(
         config.learning_rate, steps, alpha=config.final_learning_rate_fraction
     )
-
-
-class AveragedHeads(keras.layers.Layer):
-    """The mean of `heads` one-hidden-layer rating MLPs (Dense(units, relu) -> Dense(1)), an
-    ensemble inside the model, held as one hidden kernel [d, heads * units] and one output
-    kernel: 4 variables however many heads. Why: each variable costs the optimizer (and its
-    weight average) update ops of its own; at 5 heads, 20 variables made `mtrec train` on
-    ML-100k ~4 s slower (tracing them, then running them each step). Each head's block starts
-    with the values its own Dense would draw, and a head's units feed only its own output
-    weights, so this trains as the average of separate heads does."""
-
-    def __init__(self, heads: int, units: int, dropout: float = 0.0, **kwargs):
-        super().__init__(**kwargs)
-        self.heads = heads
-        self.units = units
-        self.dropout = keras.layers.Dropout(dropout) if dropout else None  # per unit
-        # One Glorot initializer per head and layer, made in the order separate heads make
-        # theirs (each draws its seed when made): the same initial values and the same random
-        # stream for everything after, as `heads` Dense(units) -> Dense(1) stacks.
-        self._initializers = [
-            (keras.initializers.GlorotUniform(), keras.initializers.GlorotUniform())
-            for _ in range(heads)
-        ]
-
-    def build(self, input_shape):
-        width = input_shape[-1]
-        hidden_values = [h((width, self.units)) for h, _ in self._initializers]
-        output_values = [o((self.units, 1)) for _, o in self._initializers]
-        hidden = self.heads * self.units
-        self.kernel = self.add_weight(
-            shape=(width, hidden),
-            initializer=lambda shape, dtype=None: ops.concatenate(hidden_values, axis=1),
-            name="kernel",
-        )
-        self.bias = self.add_weight(shape=(hidden,), initializer="zeros", name="bias")
-        self.out_kernel = self.add_weight(
-            shape=(hidden, 1),
-            initializer=lambda shape, dtype=None: ops.concatenate(output_values, axis=0),
-            name="out_kernel",
-        )
-        self.out_bias = self.add_weight(shape=(), initializer="zeros", name="out_bias")
-
-    def call(self, inputs, training: bool = False):
-        hidden = ops.relu(ops.matmul(inputs, self.kernel) + self.bias)
-        if self.dropout is not None:
-            hidden = self.dropout(hidden, training=training)
-        return ops.matmul(hidden, self.out_kernel)[:, 0] / self.heads + self.out_bias
-
-
-class TableEmbedding(keras.layers.Embedding):
-    """`keras.layers.Embedding` that reads only the rows it looks up (a resource gather).
-    Keras's reads the whole table as a tensor first, which TensorFlow turns into a copy of the
-    table on every step once the variable has had a sparse update (lazy embedding updates):
-    ~8% of a step at ML-25M's shape."""
-
-    def call(self, inputs):
-        if inputs.dtype not in ("int32", "int64"):
-            inputs = ops.cast(inputs, "int32")
-        return tf.gather(self.embeddings.value, inputs)
-
-
-@tf.custom_gradient
-def row_logsumexp(logits):
-    """logsumexp over axis 1 of a [rows, columns] matrix, in fewer passes over it than
-    `ops.logsumexp`: the backward pass reuses the forward exponentials (softmax = e / sum)."""
-    top = tf.stop_gradient(tf.reduce_max(logits, axis=1, keepdims=True))
-    e = tf.exp(logits - top)
-    total = tf.reduce_sum(e, axis=1, keepdims=True)
-
-    def grad(upstream):
-        return e * (upstream[:, None] / total)
-
-    return tf.math.log(total[:, 0]) + top[:, 0], grad
 
 
 class Recommender(keras.Model):
@@ -330,19 +253,19 @@ class Recommender(keras.Model):
 
     def call(self, inputs: dict, training: bool = False) -> dict:
         # A training pair's movie is in its user's history: leave it out, as it is for test pairs.
-        user = self._user_vector(inputs[F.USER_ID], inputs[F.MOVIE_ID] if training else None)
-        movie = self._movie_vector(inputs[F.MOVIE_ID])
+        user = self.user_vector(inputs[F.USER_ID], inputs[F.MOVIE_ID] if training else None)
+        movie = self.movie_vector(inputs[F.MOVIE_ID])
         rating = self._rating(inputs[F.USER_ID], inputs[F.MOVIE_ID], user, movie, training)
         return {"user_embedding": user, "movie_embedding": movie, F.RATING: rating}
 
-    def _movie_vector(self, movie_ids):
+    def movie_vector(self, movie_ids):
         """Movie tower: id embedding, plus projected side features when configured."""
         movie = self.movie_embedding(movie_ids)
         if self.movie_features is not None:
             movie = movie + self.movie_feature_projection(tf.gather(self.movie_features, movie_ids))
         return movie
 
-    def _user_vector(self, user_ids, leave_out_movie_ids=None):
+    def user_vector(self, user_ids, leave_out_movie_ids=None):
         """User tower: id embedding, plus the pooled history embeddings when configured."""
         user = self.user_embedding(user_ids)
         if self.user_features is not None:
@@ -363,20 +286,20 @@ class Recommender(keras.Model):
         scale = counts if self.config.user_history_pooling == "mean" else tf.sqrt(counts)
         return user + total / scale[:, None]
 
-    def _rating_user(self, user_ids, user):
+    def rating_user(self, user_ids, user):
         """The user's block of the rating heads' input (its tower, plus its rating embedding)."""
         if self.config.rating_embedding_dim:
             return ops.concatenate([user, self.rating_user_embedding(user_ids)], axis=-1)
         return user
 
-    def _rating_movie(self, movie_ids, movie):
+    def rating_movie(self, movie_ids, movie):
         if self.config.rating_embedding_dim:
             return ops.concatenate([movie, self.rating_movie_embedding(movie_ids)], axis=-1)
         return movie
 
     def _rating(self, user_ids, movie_ids, user, movie, training: bool = False):
-        user = self._rating_user(user_ids, user)
-        movie = self._rating_movie(movie_ids, movie)
+        user = self.rating_user(user_ids, user)
+        movie = self.rating_movie(movie_ids, movie)
         features = [user, movie]
         if self.config.rating_product_feature:
             features.append(user * movie)
@@ -438,7 +361,7 @@ class Recommender(keras.Model):
         """Cross-entropy over every candidate: no sampling, hence no sampling-bias correction.
         A row whose movie is no candidate (rated only outside the training split, so
         out-of-vocabulary, e.g. in validation) has no label among the columns: it adds 0."""
-        candidates = self._movie_vector(self._candidates)
+        candidates = self.movie_vector(self._candidates)
         logits = ops.matmul(user, ops.transpose(candidates)) / self.config.temperature
         labels = ops.take(self._candidate_position, movie_ids)
         per_row = keras.losses.sparse_categorical_crossentropy(
@@ -463,7 +386,7 @@ class Recommender(keras.Model):
         if config.retrieval_negatives == "mixed":
             sampled_ids = self._sample_negative_ids()
             column_ids = ops.concatenate([movie_ids, sampled_ids], axis=0)
-            columns = ops.concatenate([movie, self._movie_vector(sampled_ids)], axis=0)
+            columns = ops.concatenate([movie, self.movie_vector(sampled_ids)], axis=0)
         unique_ids, position, counts = tf.unique_with_counts(column_ids)
         first = tf.math.unsorted_segment_min(
             tf.range(tf.shape(column_ids)[0]), position, tf.shape(unique_ids)[0]
@@ -550,14 +473,14 @@ class Recommender(keras.Model):
     def index_candidates(self) -> None:
         """Freeze what recommending reads from the trained weights: the candidates' movie
         embeddings in the retrieval layer and, when the heads allow it, the fused rating head."""
-        embeddings = self._movie_vector(self._candidates)
+        embeddings = self.movie_vector(self._candidates)
         self.retrieval.update_candidates(embeddings, self.candidate_ids)
         one_layer = len(self.config.rating_hidden_units) == 1
         self.fused_rating_head = FusedRatingHead(self) if one_layer else None
 
     def predict_rating(self, user_ids, movie_ids):
         """Normalised rating in [0, 1]."""
-        user = self._user_vector(user_ids)
+        user = self.user_vector(user_ids)
         return self._predict_rating(user_ids, movie_ids, user, repeats=1)
 
     def _predict_rating(self, user_ids, movie_ids, user, repeats: int):
@@ -570,7 +493,7 @@ class Recommender(keras.Model):
             if repeats > 1:
                 user_ids = tf.repeat(user_ids, repeats)
                 user = tf.repeat(user, repeats, axis=0)
-            movie = self._movie_vector(movie_ids)
+            movie = self.movie_vector(movie_ids)
             rating = self._rating(user_ids, movie_ids, user, movie)
         return ops.clip(rating, 0.0, 1.0)
 
@@ -614,7 +537,7 @@ class Recommender(keras.Model):
         x predicted rating (the returned scores), the rest keep retrieval's order. Rows where
         `cold` is True (users the model does not know) get the most popular training movies,
         scored by their share of training ratings, with the same exclusions."""
-        query = self._user_vector(user_ids)
+        query = self.user_vector(user_ids)
         excluded = None
         if seen is not None:
             excluded = self.seen_mask(user_ids, seen)
@@ -734,110 +657,3 @@ def _load_features(path: str) -> dict[str, np.ndarray]:
     with np.load(path) as data:
         return {name: data[name] for name in ("user_features", "movie_features")}
 
-
-class FusedRatingHead(tf.Module):
-    """The one-hidden-layer rating head(s) as a recommendation runs them, frozen from
-    the trained weights by `index_candidates` (and exported with the model).
-
-    Why: re-ranking scores `rerank_pool` movies per user, and the heads' hidden layer was most
-    of a served retrieve (a [20, 64] x [64, 1280] matmul per request). Here the hidden layer's kernel is split by input block: the user's part is
-    computed once per user instead of once per movie, and the movie's part is read from a
-    per-movie table (up to MAX_RATING_TABLE_BYTES; larger catalogues multiply per movie). Same
-    values as `Recommender._rating`, to float rounding."""
-
-    def __init__(self, model: "Recommender", max_table_bytes: int = MAX_RATING_TABLE_BYTES):
-        super().__init__(name="fused_rating_head")
-        head = model.rating_head
-        if isinstance(head, AveragedHeads):
-            kernel, bias = head.kernel.numpy(), head.bias.numpy()
-            out_kernel = head.out_kernel.numpy() / head.heads
-            out_bias = float(head.out_bias.numpy())
-        else:  # one head with one hidden layer
-            hidden, output = head.layers[0], head.layers[-1]
-            kernel, bias = hidden.kernel.numpy(), hidden.bias.numpy()
-            out_kernel, out_bias = output.kernel.numpy(), float(output.bias.numpy()[0])
-        dim = model.config.embedding_dim + model.config.rating_embedding_dim
-        self.product = model.config.rating_product_feature
-        self.use_bias_terms = model.config.use_bias_terms
-        self.user_kernel = tf.Variable(kernel[:dim], trainable=False, name="user_kernel")
-        if self.product:
-            self.product_kernel = tf.Variable(kernel[2 * dim :], trainable=False, name="product")
-        self.movie_table = None
-        movie_kernel = kernel[dim : 2 * dim]
-        if model.num_movies * kernel.shape[1] * 4 <= max_table_bytes:
-            ids = tf.range(model.num_movies)
-            movies = model._rating_movie(ids, model._movie_vector(ids)).numpy()
-            self.movie_table = tf.Variable(movies @ movie_kernel + bias, trainable=False)
-        else:
-            self.movie_kernel = tf.Variable(movie_kernel, trainable=False, name="movie_kernel")
-            self.bias = tf.Variable(bias, trainable=False, name="bias")
-        self.out_kernel = tf.Variable(out_kernel, trainable=False, name="out_kernel")
-        self.out_bias = tf.constant(out_bias)
-
-    def __call__(self, model: "Recommender", user_ids, movie_ids, user, repeats: int):
-        """Ratings (before clipping) of movie_ids [batch * repeats], `repeats` per user
-        (user_ids [batch], user: their tower vectors [batch, d])."""
-        user = model._rating_user(user_ids, user)
-        movie = None
-        if self.movie_table is None or self.product:
-            movie = model._rating_movie(movie_ids, model._movie_vector(movie_ids))
-        if self.movie_table is not None:
-            hidden = tf.gather(self.movie_table, movie_ids)
-        else:
-            hidden = tf.matmul(movie, self.movie_kernel) + self.bias
-        if self.product:
-            product = _per_user(movie, user, repeats, tf.multiply)
-            hidden += tf.matmul(product, self.product_kernel)
-        hidden = _per_user(hidden, tf.matmul(user, self.user_kernel), repeats, tf.add)
-        rating = tf.matmul(tf.nn.relu(hidden), self.out_kernel)[:, 0] + self.out_bias
-        if self.use_bias_terms:
-            rating = _per_user(rating, model.user_bias(user_ids)[:, 0], repeats, tf.add)
-            rating += model.movie_bias(movie_ids)[:, 0]
-        return rating
-
-
-def _per_user(rows, per_user, repeats: int, combine):
-    """combine(rows, each user's value) for rows [batch * repeats, ...] that come `repeats` per
-    user, per_user [batch, ...]: broadcast over a reshape, not tf.repeat (a dozen ops each)."""
-    if repeats == 1:
-        return combine(rows, per_user)
-    shape = tf.shape(rows)
-    grouped = tf.reshape(rows, tf.concat([[-1, repeats], shape[1:]], axis=0))
-    return tf.reshape(combine(grouped, tf.expand_dims(per_user, 1)), shape)
-
-
-class SeenMovies(tf.Module):
-    """The movies each user has rated, as CSR (row_splits by user id, movie ids): compact for
-    millions of ratings, and trackable so an exported SavedModel carries it."""
-
-    def __init__(self, user_ids: np.ndarray, movie_ids: np.ndarray, num_users: int):
-        super().__init__(name="seen_movies")
-        user_ids = np.asarray(user_ids, dtype=np.int64)
-        movie_ids = np.asarray(movie_ids, dtype=np.int32)
-        if user_ids.size and (user_ids.min() < 0 or user_ids.max() >= num_users):
-            raise ValueError(f"user ids must be in [0, {num_users}), got {user_ids.max()}")
-        order = np.lexsort((movie_ids, user_ids))
-        counts = np.bincount(user_ids, minlength=num_users)
-        row_splits = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.row_splits = tf.Variable(row_splits, trainable=False, name="row_splits")
-        self.movie_ids = tf.Variable(movie_ids[order], trainable=False, name="movie_ids")
-
-    def pairs(self, user_ids):
-        """(row in user_ids, movie id) of every movie those users rated: one RaggedRange and
-        a search, where gathering the ragged tensor and its value_rowids() take ~40 ops."""
-        user_ids = tf.cast(user_ids, tf.int64)
-        splits = self.row_splits
-        row_splits, positions = tf.raw_ops.RaggedRange(
-            starts=tf.gather(splits, user_ids),
-            limits=tf.gather(splits, user_ids + 1),
-            deltas=tf.constant(1, tf.int64),
-        )
-        rows = tf.searchsorted(
-            row_splits[1:], tf.range(tf.size(positions, out_type=tf.int64)), side="right"
-        )
-        return tf.cast(rows, tf.int32), tf.gather(self.movie_ids, positions)
-
-    def ragged(self) -> tf.RaggedTensor:
-        return tf.RaggedTensor.from_row_splits(
-            self.movie_ids.read_value(), self.row_splits.read_value(), validate=False
-        )

@@ -20,7 +20,8 @@ from components.artifacts.saved_model import write_saved_model
 from components.artifacts.vocabulary import load_vocabularies
 from components.config import ConfigError, TrainingConfig
 from components.storage import atomic_output_dir
-from components.training.model import Recommender, SeenMovies
+from components.training.model import Recommender
+from components.training.seen_movies import SeenMovies
 
 log = logging.getLogger(__name__)
 
