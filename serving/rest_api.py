@@ -13,9 +13,6 @@ No Server header. Model calls run on a thread pool, never on the event loop.
 """
 
 import asyncio
-import base64
-import binascii
-import json
 import logging
 import re
 import socket
@@ -28,7 +25,6 @@ import h11
 import numpy as np
 import uvicorn
 from google.protobuf import json_format
-from tensorflow.core.framework import types_pb2
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from serving.errors import RequestError, invalid_argument, not_found
@@ -36,14 +32,31 @@ from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serving.metrics import METRICS_PATH
 from serving.models import ModelRegistry
 from serving.predict import Predictor
+from serving.rest_json import (
+    columns_from_inputs,
+    columns_from_instances,
+    json_bytes,
+    json_value,
+    parse_json,
+    to_array,
+)
 from serving.signatures import LoadedVersion, Signature
 
 log = logging.getLogger(__name__)
 
+
 LIVENESS_PATH = "/healthz"
+
+
 READINESS_PATH = "/readyz"
+
+
 JSON = b"application/json"
+
+
 MAX_HEADER_BYTES = 64 * 1024
+
+
 _ROUTE = re.compile(
     r"^/v1/models/(?P<name>[^/:]+)"
     r"(?:/versions/(?P<version>\d{1,18})|/labels/(?P<label>[^/:]+))?"
@@ -112,7 +125,7 @@ class RestApi:
             raise HttpError(501, f"{action[1:]} is not implemented by this server: use :predict")
         if action == ":predict":
             _allow(method, "POST", path)
-            return self._predict(name, version, label, _parse_json(body))
+            return self._predict(name, version, label, parse_json(body))
         _allow(method, "GET", path)
         if action == "/metadata":
             return _metadata(self.registry.resolve(name, version, label))
@@ -155,15 +168,15 @@ class RestApi:
 
         def decode(signature: Signature) -> dict[str, np.ndarray]:
             if has_rows:
-                columns = _columns_from_instances(signature, request["instances"])
+                columns = columns_from_instances(signature, request["instances"])
             else:
-                columns = _columns_from_inputs(signature, request["inputs"])
-            arrays = {n: _to_array(signature, n, value) for n, value in columns.items()}
+                columns = columns_from_inputs(signature, request["inputs"])
+            arrays = {n: to_array(signature, n, value) for n, value in columns.items()}
             signature.validate(arrays)
             return arrays
 
         _, _, outputs = self.predictor.predict("rest", name, version, label, signature_name, decode)
-        lists = {n: _json_value(array) for n, array in outputs.items()}
+        lists = {n: json_value(array) for n, array in outputs.items()}
         if has_columns:
             return {"outputs": next(iter(lists.values())) if len(lists) == 1 else lists}
         if len(lists) == 1:
@@ -190,147 +203,9 @@ def _metadata(loaded: LoadedVersion) -> dict:
     }
 
 
-def _parse_json(body: bytes) -> Any:
-    try:
-        return json.loads(body or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise invalid_argument(f"the request body is not valid JSON ({error})") from None
-    except RecursionError:
-        raise invalid_argument("the request body nests too deeply") from None
-
-
-def _columns_from_instances(signature: Signature, instances: Any) -> dict[str, Any]:
-    """Row format: a list of objects naming every input, or of bare values for one input."""
-    if not isinstance(instances, list) or not instances:
-        raise invalid_argument('"instances" must be a non-empty list')
-    if all(isinstance(row, dict) for row in instances):
-        names = set(instances[0])
-        for index, row in enumerate(instances):
-            if set(row) != names:
-                raise invalid_argument(
-                    f"instance {index} names inputs {sorted(row)}, instance 0 {sorted(names)}"
-                )
-        columns = {name: [row[name] for row in instances] for name in names}
-        for name, spec in signature.inputs.items():  # a per-request scalar (k) is not a row
-            if name in columns and spec.shape == ():
-                values = columns[name]
-                if any(v != values[0] for v in values):
-                    raise invalid_argument(f"input {name!r} is one value per request")
-                columns[name] = values[0]
-        return columns
-    if len(signature.inputs) != 1:
-        raise invalid_argument(
-            f"signature {signature.name!r} has inputs {', '.join(sorted(signature.inputs))}: "
-            "each instance must be an object naming them"
-        )
-    return {next(iter(signature.inputs)): instances}
-
-
-def _columns_from_inputs(signature: Signature, inputs: Any) -> dict[str, Any]:
-    """Columnar format: an object of named inputs, or one bare value for a one-input signature."""
-    if isinstance(inputs, dict):
-        return inputs
-    if len(signature.inputs) != 1:
-        raise invalid_argument(
-            f'signature {signature.name!r} has several inputs: "inputs" must be an object naming '
-            f"{', '.join(sorted(signature.inputs))}"
-        )
-    return {next(iter(signature.inputs)): inputs}
-
-
-def _to_array(signature: Signature, name: str, value: Any) -> np.ndarray:
-    """JSON values -> an array of the signature's dtype; no silent rounding or wrapping.
-    String inputs take JSON strings (sent as UTF-8) or TF Serving's {"b64": "..."}."""
-    spec = signature.inputs.get(name)
-    if spec is None:
-        raise invalid_argument(
-            f"signature {signature.name!r} has no input named {name!r}; "
-            f"its inputs are {', '.join(sorted(signature.inputs))}"
-        )
-    expected = spec.numpy_dtype
-    if spec.dtype_enum == types_pb2.DT_STRING:
-        return _to_strings(signature, name, value)
-    try:
-        array = np.asarray(value)
-    except (ValueError, OverflowError):
-        array = None
-    if array is None or array.dtype == object:
-        raise invalid_argument(f"input {name!r} is not a rectangular array of numbers")
-    if array.size == 0:
-        return array.astype(expected)
-    if expected.kind in "iu":
-        if array.dtype.kind not in "iu":
-            raise invalid_argument(
-                f"input {name!r} of signature {signature.name!r} must be {expected.name}, "
-                f"got {_json_kind(array)} values"
-            )
-        info = np.iinfo(expected)
-        if array.min() < info.min or array.max() > info.max:
-            raise invalid_argument(f"input {name!r} holds values outside {expected.name}'s range")
-    elif expected.kind == "f" and array.dtype.kind not in "iuf":
-        raise invalid_argument(f"input {name!r} must be {expected.name}, got {_json_kind(array)}")
-    elif expected.kind == "b" and array.dtype.kind != "b":
-        raise invalid_argument(f"input {name!r} must be true/false, got {_json_kind(array)}")
-    return array.astype(expected)
-
-
-def _json_kind(array: np.ndarray) -> str:
-    return "string" if array.dtype.kind in "US" else array.dtype.name
-
-
-def _to_strings(signature: Signature, name: str, value: Any) -> np.ndarray:
-    """JSON strings (or {"b64": ...}) -> an object array of bytes, rectangular."""
-    try:
-        array = np.asarray(value, dtype=object)
-    except ValueError:
-        array = None
-    if array is None:
-        raise invalid_argument(f"input {name!r} is not a rectangular array of strings")
-    flat = array.reshape(-1)
-    for index, item in enumerate(flat):
-        if isinstance(item, str):
-            flat[index] = item.encode("utf-8")
-        elif isinstance(item, dict) and set(item) == {"b64"} and isinstance(item["b64"], str):
-            try:
-                flat[index] = base64.b64decode(item["b64"], validate=True)
-            except binascii.Error:
-                raise invalid_argument(
-                    f'input {name!r}: invalid base64 in {{"b64": ...}}'
-                ) from None
-        else:
-            raise invalid_argument(
-                f"input {name!r} of signature {signature.name!r} must be string, got "
-                f'{type(item).__name__} values (JSON strings, or {{"b64": ...}} for bytes)'
-            )
-    return array
-
-
-def _json_value(array: np.ndarray):
-    """An output as JSON: bytes as UTF-8 text, or TF Serving's {"b64": ...} when not text."""
-    if array.dtype != object and array.dtype.kind != "S":
-        return array.tolist()
-
-    def text(item):
-        if isinstance(item, bytes):
-            try:
-                return item.decode("utf-8")
-            except UnicodeDecodeError:
-                return {"b64": base64.b64encode(item).decode("ascii")}
-        return item
-
-    return np.vectorize(text, otypes=[object])(array).tolist() if array.size else array.tolist()
-
-
-# --- HTTP: uvicorn with read deadlines, a connection cap and JSON errors at the protocol level ---
-
-
-def _json_bytes(payload: Any) -> bytes:
-    return json.dumps(payload).encode("utf-8")
-
-
 def _raw_response(status: int, message: str) -> bytes:
     """A whole HTTP/1.1 JSON error response, for refusals made before any ASGI app runs."""
-    body = _json_bytes({"error": message})
+    body = json_bytes({"error": message})
     reason = HTTPStatus(status).phrase.encode()
     return (
         b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
@@ -418,7 +293,7 @@ class AsgiApp:
         if isinstance(payload, bytes):
             await _send(send, status, payload, METRICS_CONTENT_TYPE.encode(), headers)
         else:
-            await _send(send, status, _json_bytes(payload), JSON, headers)
+            await _send(send, status, json_bytes(payload), JSON, headers)
 
     async def _read_body(self, scope, receive, send) -> bytes | None:
         limit = self.max_body_bytes
@@ -445,7 +320,7 @@ class AsgiApp:
             "error": f"request body of {size}+ bytes exceeds the limit of "
             f"{self.max_body_bytes} (--max-request-mib)"
         }
-        await _send(send, 413, _json_bytes(message), JSON, ((b"connection", b"close"),))
+        await _send(send, 413, json_bytes(message), JSON, ((b"connection", b"close"),))
 
 
 async def _send(send, status: int, body: bytes, content_type: bytes, headers=()) -> None:
@@ -506,3 +381,4 @@ class RestServer:
         self.server.should_exit = True
         self._thread.join(timeout=10)
         self.socket.close()
+
