@@ -37,7 +37,7 @@ class IngestionReport:
     stars_range: tuple[float, float] = (1.0, 5.0)
     duplicate_pairs: int = 0
     superseded_lines: list[int] = field(default_factory=list)
-    # Raw id kinds (components/vocabulary.py): MovieLens ids are int64.
+    # Raw id kinds (components/artifacts/vocabulary.py): MovieLens ids are int64.
     id_kinds: dict[str, str] = field(default_factory=lambda: {"user": INT64, "movie": INT64})
     explicit: bool = True  # False: implicit feedback (no rating column): retrieval only
     has_timestamps: bool = True

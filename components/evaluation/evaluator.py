@@ -2,7 +2,7 @@
 in the same run, gates, report.
 
 The candidate is the artifact training wrote, used only through `retrieve_excluding` and `rank`
-(`saved_model.ServedModel`), and the previously blessed model is scored by the same code: the
+(`components/artifacts/saved_model.py` `ServedModel`), and the previously blessed model is scored by the same code: the
 offline figures are the served model's by construction. Protocol (the standard one): each
 test user's top-k over the whole catalogue, movies the user rated in training excluded. Metrics:
 hit@10 over 5-star test ratings (the seed's metric without seen movies), recall@10 and NDCG@10

@@ -48,8 +48,8 @@ ML_CSV = Layout(
 )
 
 
-# Your own interaction logs, as ingestion rewrites them (components/interactions.py): ids are
-# tokens (int64 or strings, see components/vocabulary.py), any finite rating, no header.
+# Your own interaction logs, as ingestion rewrites them (components/ingestion/interactions.py): ids are
+# tokens (int64 or strings, see components/artifacts/vocabulary.py), any finite rating, no header.
 INTERACTIONS = Layout("interactions", "", "", "\t", "\t", "", "utf-8", 0.0)
 
 

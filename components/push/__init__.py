@@ -1,0 +1,1 @@
+"""Stage 6, push (TFX's Pusher): `pusher.push`."""

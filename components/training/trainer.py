@@ -2,7 +2,7 @@
 
 Runs on a GPU when TensorFlow sees one (the KFP task requests `nvidia.com/gpu`), on the CPU
 otherwise, and says which in the log. Validates on the validation split (never the test split).
-Writes the model artifact: the serving SavedModel (`components/saved_model.py`), which
+Writes the model artifact: the serving SavedModel (`components/artifacts/saved_model.py`), which
 evaluation scores and the pusher copies as it is.
 """
 
