@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 
@@ -257,35 +258,48 @@ def test_a_failing_task_reports_its_error_without_a_traceback(tmp_path, capfd):
         assert "missing: not found" in handle.read()
 
 
-@pytest.mark.slow
-def test_local_run_pushes_when_blessed_and_a_failing_gate_blocks_the_push(
-    tmp_path, small_data_dir
-):
+PERMISSIVE = GateConfig(max_rmse=1.0, min_hit_rate=0.0, require_beat_baselines=False)
+
+
+@pytest.fixture(scope="module")
+def blessed_run(tmp_path_factory, small_data_dir):
+    """One blessed local run with the final refit, shared by the tests that check what a run
+    pushes (the refit is what a blessed run pushes with --refit-on-all)."""
     from pipeline.runners import run_local
 
-    permissive = GateConfig(max_rmse=1.0, min_hit_rate=0.0, require_beat_baselines=False)
     config = PipelineConfig(
         data_dir=small_data_dir,
-        output_dir=str(tmp_path / "out"),
+        output_dir=str(tmp_path_factory.mktemp("blessed") / "out"),
+        refit_on_all=True,
         training=TrainingConfig(epochs=2, batch_size=256),
-        gates=permissive.replace(max_regression_rmse=1.0, max_regression_hit_rate=1.0),
+        gates=PERMISSIVE.replace(max_regression_rmse=1.0, max_regression_hit_rate=1.0),
     )
-    first = run_local(config)
-    assert first.blessed
-    assert first.model_path == str(tmp_path / "out" / "serving" / "mtrec" / "1")
-    assert list(first.timings) == STAGES
-    loaded = tf.saved_model.load(first.model_path)
-    out = loaded.signatures[F.SIGNATURE_RETRIEVE](user_id=tf.constant([1, 2], tf.int64))
-    assert out[F.OUT_MOVIE_IDS].shape == (2, 10)
-    for name in ("report.md", "report.html", "metrics.json", "blessing.json", "movies.tsv"):
-        assert os.path.isfile(tmp_path / "out" / name), name
-    for stage in STAGES:
-        assert os.path.isfile(tmp_path / "out" / "logs" / f"{stage}.log"), stage
+    return config, run_local(config)
 
-    blocked = config.__class__(**{**config.__dict__, "gates": permissive.replace(min_hit_rate=1.0)})
+
+@pytest.mark.slow
+def test_local_run_pushes_when_blessed_and_a_failing_gate_blocks_the_push(blessed_run):
+    from pipeline.runners import run_local
+
+    config, first = blessed_run
+    out = config.output_dir
+    assert first.blessed
+    assert first.model_path == os.path.join(out, "serving", "mtrec", "1")
+    assert [s for s in first.timings if s != "refit"] == STAGES
+    loaded = tf.saved_model.load(first.model_path)
+    result = loaded.signatures[F.SIGNATURE_RETRIEVE](user_id=tf.constant([1, 2], tf.int64))
+    assert result[F.OUT_MOVIE_IDS].shape == (2, 10)
+    for name in ("report.md", "report.html", "metrics.json", "blessing.json", "movies.tsv"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    for stage in STAGES:
+        assert os.path.isfile(os.path.join(out, "logs", f"{stage}.log")), stage
+
+    blocked = dataclasses.replace(
+        config, gates=PERMISSIVE.replace(min_hit_rate=1.0), refit_on_all=False
+    )
     second = run_local(blocked)
     assert not second.blessed and second.model_path is None
-    assert list_versions(str(tmp_path / "out" / "serving" / "mtrec")) == [1]
+    assert list_versions(os.path.join(out, "serving", "mtrec")) == [1]
     gates = {g["name"]: g["passed"] for g in second.blessing["gates"]}
     assert gates["hit@10"] is False
     assert "hit@10 vs blessed v1" in gates  # compared with the model the first run pushed
@@ -357,18 +371,10 @@ def _stats_path(output) -> str:
 
 
 @pytest.mark.slow
-def test_refit_on_all_pushes_the_final_fit_and_keeps_the_blessing(tmp_path, small_data_dir):
+def test_refit_on_all_pushes_the_final_fit_and_keeps_the_blessing(blessed_run):
     from components.artifacts.saved_model import read_metadata
-    from pipeline.runners import run_local
 
-    config = PipelineConfig(
-        data_dir=small_data_dir,
-        output_dir=str(tmp_path / "out"),
-        refit_on_all=True,
-        training=TrainingConfig(epochs=1, batch_size=256),
-        gates=GateConfig(max_rmse=1.0, min_hit_rate=0.0, require_beat_baselines=False),
-    )
-    result = run_local(config)
+    _, result = blessed_run
     assert result.blessed and result.model_path.endswith("/mtrec/1")
     assert read_metadata(result.model_path)["fit_splits"] == list(F.SPLITS)
     assert "refit" in result.timings and "infra-validation" in result.timings
