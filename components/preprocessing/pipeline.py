@@ -23,7 +23,6 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from components import features as F
 from components.artifacts.examples import load_stats
@@ -34,6 +33,7 @@ from components.artifacts.vocabulary import (
     USERS_FILE,
     VOCABULARY_DIR,
 )
+from components.beam_runners import pipeline_options
 from components.config import PreprocessingConfig
 from components.errors import MAX_REPORTED_PROBLEMS, DataError
 from components.ingestion.layouts import LAYOUTS, ML_100K
@@ -251,7 +251,7 @@ def run_preprocessing(
             f"--split {config.split} orders ratings by time, and the interactions have no "
             "timestamp column (use --split random, or pass --timestamp-column)"
         )
-    options = PipelineOptions([f"--runner={config.runner}", *(beam_args or [])])
+    options = pipeline_options(config.runner, beam_args)
     started = time.perf_counter()
     kept = os.path.join(out_dir, F.REJECTED_DIR)
     rejected = f"{os.path.abspath(out_dir)}{PARTIAL_SUFFIX}{F.REJECTED_DIR}"
