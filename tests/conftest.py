@@ -241,3 +241,53 @@ def s3_bucket(s3_server) -> str:
     name = f"mtrec-{uuid.uuid4().hex[:12]}"
     s3fs.S3FileSystem(skip_instance_cache=True).mkdir(name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def dask_cluster():
+    """A dask.distributed cluster on loopback for Beam's DaskRunner: `dask scheduler` and two
+    `dask worker --nthreads 1 --no-nanny` processes (this interpreter, this checkout importable).
+    Yields the scheduler address, "tcp://127.0.0.1:PORT"; everything is stopped afterwards."""
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("distributed")
+    from distributed import Client
+
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))
+    env = {**os.environ, "PYTHONPATH": path}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
+             "--dashboard-address", ":0", "--no-show"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+    ]  # fmt: skip
+    try:
+        for _ in range(2):
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
+                     "--no-nanny", "--host", "127.0.0.1", "--no-dashboard"],
+                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )
+            )  # fmt: skip
+        deadline = time.monotonic() + 60
+        with Client(address, timeout=60) as client:
+            while len(client.scheduler_info()["workers"]) < 2:
+                if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
+                    raise RuntimeError("the dask cluster did not start")
+                time.sleep(0.2)
+        yield address
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()

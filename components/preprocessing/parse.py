@@ -2,6 +2,10 @@
 element per row. A block is checked and converted at once (`ingestion.parsing.parse_block`); a
 block holding a malformed line is parsed line by line, and each malformed line goes to the dead
 letter output (file, line number, reason) instead of being dropped.
+
+The parse DoFn has one output of (kind, value) pairs that `ParseRatings` filters into its two
+outputs: Beam 2.77's DaskRunner puts every tagged output of a ParDo (`with_outputs`) into one
+bag, so each consumer would see the other kind's elements too.
 """
 
 from collections.abc import Iterable, Iterator
@@ -28,6 +32,9 @@ from components.preprocessing.splits import SPLIT_RANDOM, SPLIT_TEMPORAL, recenc
 DEAD_LETTER_TAG = "dead_letter"
 
 
+RATINGS_TAG = "ratings"
+
+
 _COLUMNS = ("users", "movies", "stars", "timestamps", "keys")
 
 
@@ -51,7 +58,8 @@ class ParseSettings:
 
 
 class _ParseChunkFn(beam.DoFn):
-    """A block of lines -> one dict of numpy columns (valid rows) + dead letters (BadRow).
+    """A block of lines -> ("ratings", dict of numpy columns of the valid rows) and
+    ("dead_letter", BadRow) pairs.
 
     Fast path: the whole block checked and converted at once (`ingestion.parse_block`); a block
     with any bad or blank line is parsed line by line, so each bad line becomes a dead letter
@@ -86,7 +94,7 @@ class _ParseChunkFn(beam.DoFn):
         else:
             chunk = yield from self._parse_lines(source, first, data, kinds)
         if chunk is not None and len(chunk["users"]):
-            yield self._with_keys(chunk)
+            yield RATINGS_TAG, self._with_keys(chunk)
 
     def _parse_lines(self, source: str, first: int, data: bytes, kinds: dict[str, str]):
         settings = self._settings
@@ -96,7 +104,7 @@ class _ParseChunkFn(beam.DoFn):
                 continue  # a duplicate the rule drops (counted by ingestion)
             parsed = parse_rating_line(line, source, number, settings.layout, kinds)
             if isinstance(parsed, BadRow):
-                yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, parsed)
+                yield DEAD_LETTER_TAG, parsed
                 continue
             users.append(parsed.user_id)
             movies.append(parsed.movie_id)
@@ -132,8 +140,13 @@ class ParseRatings(beam.PTransform):
         self._parse = _ParseChunkFn(settings)
 
     def expand(self, chunks):
-        outputs = chunks | "Parse" >> beam.ParDo(self._parse).with_outputs(
-            DEAD_LETTER_TAG, main="ratings"
-        )
-        return {"ratings": outputs.ratings, DEAD_LETTER_TAG: outputs[DEAD_LETTER_TAG]}
+        parsed = chunks | "Parse" >> beam.ParDo(self._parse)
+        return {
+            tag: parsed | f"Only{label}" >> beam.FlatMap(_of_kind, tag)
+            for tag, label in ((RATINGS_TAG, "Ratings"), (DEAD_LETTER_TAG, "DeadLetters"))
+        }
 
+
+def _of_kind(element: tuple[str, Any], kind: str) -> Iterator[Any]:
+    if element[0] == kind:
+        yield element[1]

@@ -33,7 +33,7 @@ from components.artifacts.vocabulary import (
     USERS_FILE,
     VOCABULARY_DIR,
 )
-from components.beam_runners import pipeline_options
+from components.beam_runners import pipeline_options, run_pipeline
 from components.config import PreprocessingConfig
 from components.errors import MAX_REPORTED_PROBLEMS, DataError
 from components.ingestion.layouts import LAYOUTS, ML_100K
@@ -43,15 +43,12 @@ from components.ingestion.parsing import (
 from components.preprocessing.parse import DEAD_LETTER_TAG, ParseRatings, ParseSettings, read_blocks
 from components.preprocessing.splits import (
     SPLIT_LAST_K,
-    SPLIT_ORDER,
     SPLIT_RANDOM,
     LastKSplit,
     SplitRatings,
-    SumArrays,
 )
-from components.preprocessing.tfrecords import TEMP_DIR, WriteExamplesFn, finalize_shards
+from components.preprocessing.tfrecords import TEMP_DIR, WriteExamplesFn, finalize_written
 from components.preprocessing.vocabularies import (
-    OOV_TAG,
     BuildVocabularies,
     IdStatsFn,
     vocabulary_text,
@@ -114,11 +111,12 @@ def build_pipeline(
     vocabularies = split["train_counts"] | "Vocabularies" >> beam.ParDo(
         BuildVocabularies(id_kinds, config.min_user_count, config.min_item_count)
     )
+    vocabulary_files = []
     for role, attribute, file_name in (
         ("Users", "users", USERS_FILE),
         ("Movies", "movies", MOVIES_FILE),
     ):
-        (
+        vocabulary_files.append(
             vocabularies
             | f"{role}VocabularyText"
             >> beam.Map(lambda vocab, attribute=attribute: vocabulary_text(getattr(vocab, attribute)))
@@ -130,41 +128,36 @@ def build_pipeline(
             )
         )
 
-    written = third["ratings"] | "WriteExamples" >> beam.ParDo(
-        WriteExamplesFn(
-            FileSystems.join(out_dir, TEMP_DIR), total_rows, stars_range, last_k_validation
-        ),
-        beam.pvalue.AsSingleton(vocabularies),
-        thresholds,
-    ).with_outputs(OOV_TAG, main="files")
-    files = beam.pvalue.AsList(written.files)
-    counts = {}
-    for name in SPLIT_ORDER:
-        _ = (
-            pipeline
-            | f"{name}Split" >> beam.Create([name])
-            | f"Finalize{name}" >> beam.Map(lambda split, files: finalize_shards(files, out_dir, split), files)
+    # One main-input chain from the writer to stats.json: DaskRunner recomputes whatever a side
+    # input reads, so a side input downstream of WriteExamples would write the Examples again.
+    by_split = (
+        third["ratings"]
+        | "WriteExamples"
+        >> beam.ParDo(
+            WriteExamplesFn(
+                FileSystems.join(out_dir, TEMP_DIR), total_rows, stars_range, last_k_validation
+            ),
+            beam.pvalue.AsSingleton(vocabularies),
+            thresholds,
         )
-        counts[name] = (
-            written[OOV_TAG]
-            | f"Only{name}" >> beam.FlatMap(lambda item, name=name: [item[1]] if item[0] == name else [])
-            | f"Count{name}" >> beam.CombineGlobally(SumArrays(3))
-        )
+        | "CollectWritten" >> beam.combiners.ToList()
+        | "FinalizeShards" >> beam.Map(finalize_written, out_dir)
+    )
     dead = third[DEAD_LETTER_TAG]
     ratings = first["ratings"]
-    (
+    dead_letters = (
         dead
         | "DeadLetterJson" >> beam.Map(_bad_row_json)
         | "WriteDeadLetter"
-        >> beam.io.WriteToText(
-            os.path.join(out_dir, F.DEAD_LETTER_PREFIX), file_name_suffix=".jsonl"
+        >> beam.io.WriteToText(  # one shard: unsharded sinks emit from finish_bundle (see above)
+            os.path.join(out_dir, F.DEAD_LETTER_PREFIX), file_name_suffix=".jsonl", num_shards=1
         )
     )
     invalid = dead | "CountInvalid" >> beam.combiners.Count.Globally()
     summary = ratings | "Stats" >> beam.CombineGlobally(IdStatsFn())
 
-    def to_json(stats, vocab, train, validation, test, invalid):
-        by_split = {F.TRAIN_SPLIT: train, F.VALIDATION_SPLIT: validation, F.TEST_SPLIT: test}
+    def to_json(counts, stats, vocab, invalid):
+        by_split = {name: counts[name] for name in (F.TRAIN_SPLIT, F.VALIDATION_SPLIT, F.TEST_SPLIT)}
         rows = sum(int(c[0]) for c in by_split.values()) + invalid
         stats = dict(stats)
         stats.update(
@@ -195,16 +188,13 @@ def build_pipeline(
         )
         return json.dumps(stats, indent=2, sort_keys=True)
 
-    (
-        summary
+    stats_file = (
+        by_split
         | "StatsJson"
         >> beam.Map(
             to_json,
+            beam.pvalue.AsSingleton(summary),
             beam.pvalue.AsSingleton(vocabularies),
-            *(
-                beam.pvalue.AsSingleton(counts[name])
-                for name in (F.TRAIN_SPLIT, F.VALIDATION_SPLIT, F.TEST_SPLIT)
-            ),
             beam.pvalue.AsSingleton(invalid),
         )
         | "WriteStats"
@@ -212,6 +202,9 @@ def build_pipeline(
             os.path.join(out_dir, F.STATS_FILE), shard_name_template="", num_shards=1
         )
     )
+    # Last, a transform reading every sink's result: DaskRunner computes only what the pipeline's
+    # last transform depends on, so the run waits on (and runs) all writes.
+    _ = (*vocabulary_files, dead_letters, stats_file) | "AllWritten" >> beam.Flatten()
     return dead
 
 
@@ -257,7 +250,7 @@ def run_preprocessing(
     rejected = f"{os.path.abspath(out_dir)}{PARTIAL_SUFFIX}{F.REJECTED_DIR}"
     try:
         with atomic_output_dir(out_dir) as staging:
-            with beam.Pipeline(options=options) as pipeline:
+            with run_pipeline(options, staging) as pipeline:
                 build_pipeline(
                     pipeline,
                     [ratings_path],
@@ -296,4 +289,3 @@ def run_preprocessing(
         log.warning("dead letter: %s", problem)
     log.info("preprocessing: %s", json.dumps(stats, sort_keys=True))
     return stats
-

@@ -19,7 +19,7 @@ from components.artifacts.vocabulary import (
     Vocabularies,
 )
 from components.preprocessing.splits import SPLIT_ORDER, assign_splits, last_k_codes
-from components.preprocessing.vocabularies import OOV_TAG, apply_vocabularies
+from components.preprocessing.vocabularies import apply_vocabularies
 
 TEMP_DIR = ".writing"  # the shard writers' files before they are renamed into shards
 
@@ -71,10 +71,11 @@ class WriteExamplesFn(beam.DoFn):
     bundle, one file per split.
 
     A chunk is encoded and written as one piece, so no per-row element crosses Beam (that cost
-    ~10 us a row in DirectRunner). Outputs each finished file as (split, temporary path), renamed
-    into shards by `finalize_shards`, and, tagged `oov`, per chunk and split the counts (rows,
-    rows of an unknown user, of an unknown movie). Paths go through Beam's FileSystems, so the
-    same code writes to gs:// on Dataflow."""
+    ~10 us a row in DirectRunner). One output: per chunk and split, (split, the bundle's temporary
+    file, counts: rows, rows of an unknown user, of an unknown movie); `finalize_written` renames
+    the files into shards. Reported from `process`, not `finish_bundle`: DaskRunner drops what
+    `finish_bundle` emits. Paths go through Beam's FileSystems, so the same code writes to gs:// on
+    Dataflow."""
 
     def __init__(
         self,
@@ -111,23 +112,18 @@ class WriteExamplesFn(beam.DoFn):
             records = encode_rows(indexed, rows, self._stars_range)
             self._files[split][1].write(tfrecord_frames(records))
             counts = [rows.size, int((indexed["users"][rows] == 0).sum()), int((indexed["movies"][rows] == 0).sum())]
-            yield beam.pvalue.TaggedOutput(OOV_TAG, (split, np.array(counts, dtype=np.int64)))
+            yield split, self._files[split][0], np.array(counts, dtype=np.int64)
         self._reporter.advance(len(codes))
 
     def finish_bundle(self):
-        for split, (path, handle) in self._files.items():
+        for _, handle in self._files.values():
             handle.close()
-            yield beam.utils.windowed_value.WindowedValue(
-                (split, path),
-                beam.utils.timestamp.MIN_TIMESTAMP,
-                [beam.transforms.window.GlobalWindow()],
-            )
 
 
 def finalize_shards(files: list[tuple[str, str]], out_dir: str, split: str) -> int:
     """Rename a split's temporary files to `<split>-NNNNN-of-MMMMM.tfrecord` (an empty shard
     when the split holds no rows); returns the number of shards."""
-    paths = sorted(path for name, path in files if name == split)
+    paths = sorted({path for name, path in files if name == split})
     if not paths:
         empty = FileSystems.join(out_dir, f"{split}-00000-of-00001{TFRECORD_SUFFIX}")
         FileSystems.create(empty).close()
@@ -139,3 +135,14 @@ def finalize_shards(files: list[tuple[str, str]], out_dir: str, split: str) -> i
     FileSystems.rename(paths, targets)
     return len(paths)
 
+
+
+def finalize_written(written: list[tuple[str, str, np.ndarray]], out_dir: str) -> dict[str, np.ndarray]:
+    """All of WriteExamplesFn's output at once: every split's files renamed into shards; returns
+    per split the summed counts (rows, unknown-user rows, unknown-movie rows)."""
+    files = [(split, path) for split, path, _ in written]
+    counts = {}
+    for split in SPLIT_ORDER:
+        finalize_shards(files, out_dir, split)
+        counts[split] = sum((c for s, _, c in written if s == split), np.zeros(3, dtype=np.int64))
+    return counts

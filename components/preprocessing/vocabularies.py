@@ -89,7 +89,3 @@ def apply_vocabularies(chunk: dict[str, np.ndarray], vocab: Vocabularies) -> dic
     out["users"] = vocab.users.lookup(chunk["users"])
     out["movies"] = vocab.movies.lookup(chunk["movies"])
     return out
-
-
-OOV_TAG = "oov"
-
