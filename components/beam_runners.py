@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shlex
 import shutil
 from collections.abc import Iterator
 
@@ -21,21 +23,22 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
 # Beam 2.77 resolves only its ALL_KNOWN_RUNNERS by short name; DaskRunner is not among them.
 _ALIASES = {"dask": DASK_RUNNER, "daskrunner": DASK_RUNNER}
+_SEVERAL = re.compile(r"\s--")  # a second flag inside one argument
 SINK_TEMP_PREFIX = "beam-temp-"  # FileBasedSink's temporary folders, beside the outputs
 
 
 def pipeline_options(runner: str, beam_args: list[str] | None = None) -> PipelineOptions:
     """The options for one Beam job: the named runner, then the user's flags (which win).
-    `DaskRunner` (or `Dask`) becomes the class path Beam can import."""
-    options = PipelineOptions([f"--runner={runner}", *(beam_args or [])])
+    `DaskRunner` (or `Dask`) becomes the class path Beam can import. An argument holding several
+    flags (`--beam-args "--a=1 --b=2"`, one quoted string) is split as a shell would."""
+    flags = [
+        f for arg in beam_args or [] for f in (shlex.split(arg) if _SEVERAL.search(arg) else [arg])
+    ]
+    options = PipelineOptions([f"--runner={runner}", *flags])
     standard = options.view_as(StandardOptions)
     if isinstance(standard.runner, str):
         standard.runner = _ALIASES.get(standard.runner.lower(), standard.runner)
     return options
-
-
-def is_dask(options: PipelineOptions) -> bool:
-    return options.view_as(StandardOptions).runner == DASK_RUNNER
 
 
 @contextlib.contextmanager

@@ -27,6 +27,16 @@ def test_dask_runner_is_resolved_to_its_class(runner, beam_args):
     assert pipeline_options("DirectRunner").view_as(StandardOptions).runner == "DirectRunner"
 
 
+def test_several_flags_in_one_quoted_argument_are_split():
+    options = pipeline_options(
+        "DaskRunner", ["--dask_client_address=tcp://h:1 --dask_npartitions=4"]
+    )
+    from apache_beam.runners.dask.dask_runner import DaskOptions
+
+    dask = options.view_as(DaskOptions)
+    assert (dask.address, dask.npartitions) == ("tcp://h:1", 4)
+
+
 def test_sink_temp_dirs_are_removed_and_nothing_else(tmp_path):
     for name in ("beam-temp-stats-1/x", "vocabulary/beam-temp-users-2/y", "vocabulary/users.txt"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -135,3 +145,17 @@ def test_dask_runner_writes_what_direct_runner_writes(tmp_path, dask_cluster, ca
     if case == "interactions":
         assert expected["vocabulary"]["id_kinds"] == {"user": "string", "movie": "string"}
     assert not [n for n in os.listdir(dask) if n.startswith("beam-temp-") or n == ".writing"]
+
+
+@pytest.mark.slow
+def test_mtrec_preprocess_runs_on_dask_from_the_command_line(tmp_path, dask_cluster, capsys):
+    from pipeline.cli import main
+
+    ratings = _ingested(tmp_path, "movielens")
+    out = str(tmp_path / "examples")
+    argv = ["preprocess", "--ratings", ratings, "--output", out, "--runner", "DaskRunner"]
+    assert main([*argv, "--beam-args", f"--dask_client_address={dask_cluster}"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert sum(stats["rows"].values()) == sum(len(v) for v in _outputs(out)["examples"].values())
+    run_preprocessing(ratings, str(tmp_path / "direct"), PreprocessingConfig())
+    assert _outputs(out) == _outputs(str(tmp_path / "direct"))
