@@ -10,8 +10,11 @@ Outputs: `tf.train.Example` TFRecords per split, `vocabulary/`, `stats.json`
 The data is read three times, each read fused with its consumers (the key histogram; the rows at
 the split cuts and the training split's id counts; assignment, indexing and writing), so no
 PCollection of rows is ever materialised: memory is bounded by the vocabularies, not the rows.
-Runs on DirectRunner here; the same transforms run on Dataflow/Flink/Spark: standard Beam
-pipeline options pass straight through (`mtrec preprocess --beam-args ...`).
+Tested on DirectRunner and DaskRunner; the same transforms run on Dataflow/Flink/Spark: standard
+Beam pipeline options pass straight through (`mtrec preprocess --beam-args ...`). The graph keeps
+to what Beam 2.77's DaskRunner gets right (single-output DoFns, no output from `finish_bundle`, no
+side input downstream of a write, a last transform reading every sink: README, "Other Beam
+runners").
 """
 
 import json
