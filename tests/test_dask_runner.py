@@ -31,6 +31,7 @@ def test_several_flags_in_one_quoted_argument_are_split():
     options = pipeline_options(
         "DaskRunner", ["--dask_client_address=tcp://h:1 --dask_npartitions=4"]
     )
+    pytest.importorskip("distributed")
     from apache_beam.runners.dask.dask_runner import DaskOptions
 
     dask = options.view_as(DaskOptions)
