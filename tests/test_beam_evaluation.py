@@ -67,3 +67,34 @@ def test_beam_scoring_gives_the_in_process_figures(small_examples, small_saved_m
     for name, value in expected.metrics.items():
         assert got["metrics"][name] == pytest.approx(value, abs=1e-6), name
     np.testing.assert_allclose(got["curve"], expected.curve, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_beam_scoring_gives_the_in_process_figures_on_ml100k(tmp_path, ml100k_dir):
+    """The real ML-100k (one training epoch: the figures, not the quality, are compared)."""
+    from components.artifacts.examples import load_stats
+    from components.artifacts.saved_model import ServedModel
+    from components.artifacts.vocabulary import load_vocabularies
+    from components.config import DEFAULT_TRAINING, PreprocessingConfig
+    from components.evaluation.beam_pipeline import score_model_beam
+    from components.evaluation.evaluator import Split, concat_splits, score_served_model
+    from components.ingestion.ingest import run_ingestion
+    from components.preprocessing.pipeline import run_preprocessing
+    from components.training.trainer import run_training
+
+    ratings, movies = str(tmp_path / "ratings"), str(tmp_path / "movies")
+    examples, model = str(tmp_path / "examples"), str(tmp_path / "model")
+    run_ingestion(ml100k_dir, ratings, movies)
+    run_preprocessing(ratings, examples, PreprocessingConfig())
+    run_training(examples, model, DEFAULT_TRAINING.replace(epochs=1))
+    train = Split.load(examples, F.TRAIN_SPLIT)
+    validation = Split.load_optional(examples, F.VALIDATION_SPLIT)
+    test = Split.load(examples, F.TEST_SPLIT)
+    vocab = load_vocabularies(examples, load_stats(examples))
+    expected = score_served_model(
+        ServedModel(model, vocab), concat_splits(train, validation), test, train
+    )
+    got = score_model_beam(model, examples)
+    for name, value in expected.metrics.items():
+        assert got["metrics"][name] == pytest.approx(value, abs=1e-6), name
+    np.testing.assert_allclose(got["curve"], expected.curve, atol=1e-6)
