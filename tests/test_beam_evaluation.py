@@ -64,9 +64,22 @@ def test_beam_scoring_gives_the_in_process_figures(small_examples, small_saved_m
     )
     got = score_model_beam(small_saved_model, examples, batch=7)  # several batches
     assert set(got["metrics"]) == set(expected.metrics)
+    _assert_same(got, expected, train, validation, test, vocab)
+
+
+def _assert_same(got, expected, train, validation, test, vocab):
+    """The model's figures and curve, and popularity's, to 1e-6."""
+    from components.evaluation.evaluator import evaluate_baselines
+
     for name, value in expected.metrics.items():
         assert got["metrics"][name] == pytest.approx(value, abs=1e-6), name
     np.testing.assert_allclose(got["curve"], expected.curve, atol=1e-6)
+    num_rows = max(vocab.users.rows, int(test.users.max(initial=0)) + 1)
+    baselines, _ = evaluate_baselines(train, validation, test, num_rows)
+    popularity = baselines["popularity"]
+    for name, value in popularity.metrics.items():
+        assert got["baselines"]["popularity"]["metrics"][name] == pytest.approx(value, abs=1e-6)
+    np.testing.assert_allclose(got["baselines"]["popularity"]["curve"], popularity.curve, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -94,7 +107,4 @@ def test_beam_scoring_gives_the_in_process_figures_on_ml100k(tmp_path, ml100k_di
     expected = score_served_model(
         ServedModel(model, vocab), concat_splits(train, validation), test, train
     )
-    got = score_model_beam(model, examples)
-    for name, value in expected.metrics.items():
-        assert got["metrics"][name] == pytest.approx(value, abs=1e-6), name
-    np.testing.assert_allclose(got["curve"], expected.curve, atol=1e-6)
+    _assert_same(score_model_beam(model, examples), expected, train, validation, test, vocab)

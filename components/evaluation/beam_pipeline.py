@@ -27,7 +27,14 @@ import numpy as np
 from components import features as F
 from components.artifacts.examples import SCHEMA, load_stats, split_files
 from components.beam_runners import pipeline_options
-from components.evaluation.statistics import StatsCombineFn, add, finish, user_topk_stats
+from components.evaluation.statistics import (
+    StatsCombineFn,
+    add,
+    finish,
+    popularity_ranking,
+    popularity_top,
+    user_topk_stats,
+)
 
 BATCH_USERS = 4096  # as score_served_model's batches
 RESULT_FILE = "model-statistics.json"
@@ -80,13 +87,14 @@ class ScoreUsers(beam.DoFn):
         vocabularies = load_vocabularies(self.examples_dir, load_stats(self.examples_dir))
         self.model = ServedModel(self.model_dir, vocabularies)
 
-    def process(self, batch, train_mean):
+    def process(self, batch, train_mean, ranking):
         s, model = self.settings, self.model
         k = min(s["k"], model.k)
         users = np.array([user for user, _, _ in batch], dtype=np.int64)
         known = users > 0
         empty = np.full((len(users), model.k), -1, dtype=np.int32)
         top, top_seen = empty.copy(), empty.copy()
+        ranking = np.asarray(ranking, dtype=np.int64)
         if known.any():
             excluded = [np.asarray(seen, dtype=np.int64) for (u, _, seen) in batch if u > 0]
             top[known] = model.top_k(users[known], excluded)
@@ -102,6 +110,18 @@ class ScoreUsers(beam.DoFn):
                 )
                 if prefix:  # the seed's metric needs only its hit counts
                     one = {key: one[key] for key in ("seed_hits", "seed_hit_rows")}
+                stats = add(stats, one)
+            seen = np.asarray(batch[i][2], dtype=np.int64)
+            popular = popularity_top(ranking, seen, s["k"]).reshape(1, -1)
+            for prefix, lists in (
+                ("popularity/", popular),
+                ("popularity/seed_", popularity_top(ranking, seen[:0], s["k"]).reshape(1, -1)),
+            ):
+                one = user_topk_stats(
+                    lists[0], movies, stars, s["k"], s["hit_stars"], s["relevant_stars"], prefix
+                )
+                if prefix.endswith("seed_"):
+                    one = {key: one[key] for key in (prefix + "hits", prefix + "hit_rows")}
                 stats = add(stats, one)
             user_rows.append(np.full(len(movies), user))
             movie_rows.append(movies)
@@ -149,6 +169,13 @@ def build_graph(
         | "train: ratings" >> beam.Map(lambda row: row[2])
         | "train: mean" >> beam.combiners.Mean.Globally()
     )
+    ranking = (
+        train
+        | "train: movies" >> beam.Map(lambda row: row[1])
+        | "train: movie counts" >> beam.combiners.Count.PerElement()
+        | "train: counts list" >> beam.combiners.ToList()
+        | "popularity ranking" >> beam.Map(lambda counts: popularity_ranking(counts).tolist())
+    )  # catalogue-sized: one side input
     return (
         {"test": test_by_user, "seen": seen}
         | "join by user" >> beam.CoGroupByKey()
@@ -157,7 +184,9 @@ def build_graph(
         | "batch users" >> beam.BatchElements(min_batch_size=1, max_batch_size=settings["batch"])
         | "score"
         >> beam.ParDo(
-            ScoreUsers(model_dir, examples_dir, settings), beam.pvalue.AsSingleton(train_mean)
+            ScoreUsers(model_dir, examples_dir, settings),
+            beam.pvalue.AsSingleton(train_mean),
+            beam.pvalue.AsSingleton(ranking),
         )
         | "combine" >> beam.CombineGlobally(StatsCombineFn())
         | "to json"
@@ -174,7 +203,8 @@ def score_model_beam(
     k: int = 10,
     batch: int = BATCH_USERS,
 ) -> dict[str, Any]:
-    """The served model's figures (as `evaluator.score_served_model`): {"metrics", "curve"}."""
+    """The served model's figures (as `evaluator.score_served_model`): {"metrics", "curve",
+    "baselines": {"popularity": {"metrics", "curve"}}}."""
     from components.artifacts.saved_model import read_metadata
 
     stats = load_stats(examples_dir)
@@ -196,4 +226,6 @@ def score_model_beam(
                 key: np.asarray(v) if isinstance(v, list) else v
                 for key, v in json.loads(handle.read()).items()
             }
-    return finish(summed, min(k, int(info["k"])), explicit, float(high - low))
+    out = finish(summed, min(k, int(info["k"])), explicit, float(high - low))
+    out["baselines"] = {"popularity": finish(summed, k, False, float(high - low), "popularity/")}
+    return out

@@ -54,6 +54,23 @@ def user_topk_stats(
     return out
 
 
+def popularity_ranking(counts: list[tuple[int, int]]) -> np.ndarray:
+    """(movie, training count) pairs -> movies most rated first, ties by lower id, padding out
+    (as `baselines.popularity_ranking`); catalogue-sized."""
+    pairs = sorted((m, c) for m, c in counts if m != PADDING_ID and c > 0)
+    ids = np.array([m for m, _ in pairs], dtype=np.int64)
+    n = np.array([c for _, c in pairs], dtype=np.int64)
+    return ids[np.lexsort((ids, -n))] if ids.size else ids
+
+
+def popularity_top(ranking: np.ndarray, seen: np.ndarray, k: int) -> np.ndarray:
+    """The first k movies of the ranking the user has not seen, padded with 0 (as
+    `baselines.popularity_top_k`); reads at most k + |seen| ranks."""
+    prefix = ranking[: k + len(seen)]
+    top = prefix[~np.isin(prefix, seen)][:k]
+    return np.concatenate([top, np.zeros(k - len(top), dtype=np.int64)])
+
+
 def add(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """Sum of two statistics dicts, key by key (arrays of one length, or numbers)."""
     out = dict(a)
@@ -62,8 +79,11 @@ def add(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def finish(stats: dict[str, Any], k: int, explicit: bool, stars_per_unit: float) -> dict[str, Any]:
-    """The figures `score_served_model` reports, and its hit@k curve, from summed statistics."""
+def finish(
+    stats: dict[str, Any], k: int, explicit: bool, stars_per_unit: float, system: str = ""
+) -> dict[str, Any]:
+    """The figures `score_served_model` reports, and its hit@k curve, from summed statistics
+    (`system`: the key prefix of a baseline's statistics, e.g. "popularity/")."""
 
     def curve(prefix: str) -> np.ndarray:
         hits, rows = stats.get(prefix + "hits"), stats.get(prefix + "hit_rows", 0)
@@ -71,15 +91,15 @@ def finish(stats: dict[str, Any], k: int, explicit: bool, stars_per_unit: float)
             return np.zeros(len(hits) - 1 if hits is not None else k, dtype=np.float64)
         return np.cumsum(hits[:-1]) / rows
 
-    full = curve("")
-    users = stats.get("users", 0)
+    full = curve(system)
+    users = stats.get(system + "users", 0)
     metrics = {
         f"hit@{k}": float(full[k - 1]),
-        f"recall@{k}": stats.get("recall_sum", 0.0) / users if users else 0.0,
-        f"ndcg@{k}": stats.get("ndcg_sum", 0.0) / users if users else 0.0,
-        "seed_hit@10": float(curve("seed_")[k - 1]),
+        f"recall@{k}": stats.get(system + "recall_sum", 0.0) / users if users else 0.0,
+        f"ndcg@{k}": stats.get(system + "ndcg_sum", 0.0) / users if users else 0.0,
+        "seed_hit@10": float(curve(system + "seed_")[k - 1]),
     }
-    if explicit and stats.get("rating_rows"):
+    if explicit and not system and stats.get("rating_rows"):
         error = float(np.sqrt(stats["squared_error"] / stats["rating_rows"]))
         metrics.update({"rmse": error, "rmse_stars": error * stars_per_unit})
     return {"metrics": metrics, "curve": full}
