@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-from components import features as F
 from components.evaluation import statistics as S
 
 
@@ -31,6 +30,67 @@ def test_user_statistics_sum_to_the_in_process_metrics():
     assert out["metrics"]["ndcg@5"] == pytest.approx(M.ndcg_at_k(top, users, movies, stars, 5, 4.0))
 
 
+def test_batch_sums_add_up_to_the_in_process_metrics_and_slices():
+    from components.evaluation import metrics as M
+
+    rng = np.random.default_rng(1)
+    users, movies = rng.integers(0, 9, 200), rng.integers(0, 15, 200)
+    stars = rng.integers(1, 6, 200).astype(float)
+    top = np.stack([rng.permutation(15)[:10] for _ in range(9)]).astype(np.int32)
+    row_slice = rng.integers(0, 3, 200)
+    sums = {}
+    for part in (users < 4, users >= 4):  # two batches of users
+        distinct = np.unique(users[part])
+        rows = np.searchsorted(distinct, users[part])
+        batch = S.topk_sums("m/", top[distinct], rows, movies[part], stars[part], 10, 5.0, 4.0)
+        batch.update(
+            S.sliced_sums(
+                "m/", top[distinct], rows, movies[part], stars[part],
+                {"t": (row_slice[part], 3)}, 5.0, 4.0,
+            )
+        )  # fmt: skip
+        sums = S.add(sums, batch)
+    got = S.topk_figures(sums, "m/", 10)
+    assert got["hit@10"] == pytest.approx(M.hit_rate_curve(top, users, movies, stars)[-1], abs=1e-12)
+    assert got["recall@10"] == pytest.approx(M.recall_at_k(top, users, movies, stars), abs=1e-12)
+    assert got["ndcg@10"] == pytest.approx(M.ndcg_at_k(top, users, movies, stars), abs=1e-12)
+    expected = M.sliced_topk_metrics(top, users, movies, stars, row_slice, ("a", "b", "c"))
+    rows = S.sliced_rows(sums, ["m"], {"t": ("a", "b", "c")})["t"]
+    for row in rows:
+        for name, value in expected[row["bucket"]].items():
+            assert row[name] == pytest.approx(value, abs=1e-12), (row["bucket"], name)
+
+
+def test_the_bias_model_from_catalogue_sums_is_the_alternating_fit():
+    from components.evaluation.baselines import DEFAULT_USER_REG, BiasModel, bias_item_sweeps
+
+    rng = np.random.default_rng(0)
+    u, m, r = rng.integers(0, 30, 500), rng.integers(1, 40, 500), rng.random(500)
+    reference = BiasModel().fit(u, m, r)
+    width, mu = 41, r.mean()
+    c = np.zeros((30, width))
+    np.add.at(c, (u, m), 1)
+    n = np.bincount(u, minlength=30)
+    w = 1 / (n + DEFAULT_USER_REG)
+    residual = np.bincount(m, weights=r - mu, minlength=width)
+    terms = c.T @ (w * (np.bincount(u, weights=r, minlength=30) - n * mu))
+    previous, items = bias_item_sweeps(np.bincount(m, minlength=width), residual, terms, (c * w[:, None]).T @ c, 10)
+    np.testing.assert_allclose(items[: reference.item_bias.size], reference.item_bias, atol=1e-12)
+    user = (np.bincount(u, weights=r - mu, minlength=30) - c @ previous) * w
+    np.testing.assert_allclose(user, reference.user_bias, atol=1e-12)
+
+
+def test_ease_from_the_gram_matrix_is_ease():
+    from components.evaluation.baselines import EASE
+
+    rng = np.random.default_rng(2)
+    u, m = rng.integers(0, 20, 150), rng.integers(1, 12, 150)
+    fitted = EASE(200.0).fit(u, m, 20, 12)
+    x = np.zeros((20, 12))
+    x[u, m] = 1
+    np.testing.assert_array_equal(EASE(200.0).fit_gram(x.T @ x).weights, fitted.weights)
+
+
 def test_the_combiner_in_a_test_pipeline():
     import apache_beam as beam
     from apache_beam.testing.test_pipeline import TestPipeline
@@ -47,64 +107,55 @@ def test_the_combiner_in_a_test_pipeline():
         assert_that(combined, check)
 
 
-def test_beam_scoring_gives_the_in_process_figures(small_examples, small_saved_model):
-    from components.artifacts.examples import load_stats
-    from components.artifacts.saved_model import ServedModel
-    from components.artifacts.vocabulary import load_vocabularies
-    from components.evaluation.beam_pipeline import score_model_beam
-    from components.evaluation.evaluator import Split, concat_splits, score_served_model
+def assert_same_evaluation(got, expected):
+    """Every figure the stage reports, to 1e-6: the model's, the baselines', the previous
+    model's, the slices, the curves, the gates and the notes."""
 
+    def close(a, b, where):
+        assert set(a) == set(b), where
+        for name, value in b.items():
+            assert a[name] == pytest.approx(value, abs=1e-6), f"{where}: {name}"
+
+    close(got.metrics, expected.metrics, "model")
+    assert list(got.baselines) == list(expected.baselines)
+    for name, values in expected.baselines.items():
+        close(got.baselines[name], values, name)
+    assert (got.previous is None) == (expected.previous is None)
+    if expected.previous:
+        close(got.previous["metrics"], expected.previous["metrics"], "previous")
+    assert list(got.hit_curves) == list(expected.hit_curves)
+    for name, curve in expected.hit_curves.items():
+        np.testing.assert_allclose(got.hit_curves[name], curve, atol=1e-6, err_msg=name)
+    assert list(got.slices) == list(expected.slices)
+    for title, rows in expected.slices.items():
+        assert len(got.slices[title]) == len(rows)
+        for mine, theirs in zip(got.slices[title], rows, strict=True):
+            close(mine, theirs, f"{title} {theirs['system']} {theirs['bucket']}")
+    assert [g.name for g in got.gates] == [g.name for g in expected.gates]
+    for mine, theirs in zip(got.gates, expected.gates, strict=True):
+        assert mine.value == pytest.approx(theirs.value, abs=1e-6), theirs.name
+        assert mine.threshold == pytest.approx(theirs.threshold, abs=1e-6), theirs.name
+        assert mine.passed == theirs.passed
+    assert got.notes == expected.notes
+
+
+def test_the_beam_evaluation_gives_the_in_process_figures(tmp_path, small_examples, small_saved_model):
+    """Small data, several batches of users, the previous-model comparison included."""
+    import shutil
+
+    from components.config import GateConfig
+    from components.evaluation import beam_pipeline
+    from components.evaluation.evaluator import evaluate, evaluate_in_process
+
+    previous = tmp_path / "serving" / "mtrec" / "3"
+    shutil.copytree(small_saved_model, previous)
     examples = small_examples["examples"]
-    train = Split.load(examples, F.TRAIN_SPLIT)
-    validation = Split.load_optional(examples, F.VALIDATION_SPLIT)
-    test = Split.load(examples, F.TEST_SPLIT)
-    vocab = load_vocabularies(examples, load_stats(examples))
-    expected = score_served_model(
-        ServedModel(small_saved_model, vocab), concat_splits(train, validation), test, train
-    )
-    got = score_model_beam(small_saved_model, examples, batch=7)  # several batches
-    assert set(got["metrics"]) == set(expected.metrics)
-    _assert_same(got, expected, train, validation, test, vocab)
-
-
-def _assert_same(got, expected, train, validation, test, vocab):
-    """The model's figures and curve, and popularity's, to 1e-6."""
-    from components.evaluation.evaluator import evaluate_baselines
-
-    for name, value in expected.metrics.items():
-        assert got["metrics"][name] == pytest.approx(value, abs=1e-6), name
-    np.testing.assert_allclose(got["curve"], expected.curve, atol=1e-6)
-    num_rows = max(vocab.users.rows, int(test.users.max(initial=0)) + 1)
-    baselines, _ = evaluate_baselines(train, validation, test, num_rows)
-    popularity = baselines["popularity"]
-    for name, value in popularity.metrics.items():
-        assert got["baselines"]["popularity"]["metrics"][name] == pytest.approx(value, abs=1e-6)
-    np.testing.assert_allclose(got["baselines"]["popularity"]["curve"], popularity.curve, atol=1e-6)
-
-
-@pytest.mark.slow
-def test_beam_scoring_gives_the_in_process_figures_on_ml100k(tmp_path, ml100k_dir):
-    """The real ML-100k (one training epoch: the figures, not the quality, are compared)."""
-    from components.artifacts.examples import load_stats
-    from components.artifacts.saved_model import ServedModel
-    from components.artifacts.vocabulary import load_vocabularies
-    from components.config import DEFAULT_TRAINING, PreprocessingConfig
-    from components.evaluation.beam_pipeline import score_model_beam
-    from components.evaluation.evaluator import Split, concat_splits, score_served_model
-    from components.ingestion.ingest import run_ingestion
-    from components.preprocessing.pipeline import run_preprocessing
-    from components.training.trainer import run_training
-
-    ratings, movies = str(tmp_path / "ratings"), str(tmp_path / "movies")
-    examples, model = str(tmp_path / "examples"), str(tmp_path / "model")
-    run_ingestion(ml100k_dir, ratings, movies)
-    run_preprocessing(ratings, examples, PreprocessingConfig())
-    run_training(examples, model, DEFAULT_TRAINING.replace(epochs=1))
-    train = Split.load(examples, F.TRAIN_SPLIT)
-    validation = Split.load_optional(examples, F.VALIDATION_SPLIT)
-    test = Split.load(examples, F.TEST_SPLIT)
-    vocab = load_vocabularies(examples, load_stats(examples))
-    expected = score_served_model(
-        ServedModel(model, vocab), concat_splits(train, validation), test, train
-    )
-    _assert_same(score_model_beam(model, examples), expected, train, validation, test, vocab)
+    expected = evaluate_in_process(small_saved_model, examples, GateConfig(), str(previous))
+    original = beam_pipeline.BATCH_USERS
+    beam_pipeline.BATCH_USERS = 7
+    try:
+        got = evaluate(small_saved_model, examples, GateConfig(), str(previous))
+    finally:
+        beam_pipeline.BATCH_USERS = original
+    assert got.previous["version"] == 3
+    assert_same_evaluation(got, expected)

@@ -1,17 +1,20 @@
-"""The model's test figures as a Beam job (the role TFMA plays in TFX).
+"""The evaluation as a Beam job (the role TFMA plays in TFX): every figure, slice, baseline and
+gate input of the stage, from per-batch sufficient statistics.
 
-Why: the in-process evaluation holds every test user's rows and top-k lists in numpy (4 GB at
-25M ratings). Here the test rows and the seen rows (train + validation) are read from the
-examples' TFRecords, keyed by user and joined with CoGroupByKey, so one user's rows meet in one
-place; users travel in batches (`beam.BatchElements`) to a DoFn that loads the SavedModel once
-per worker (`setup`) and yields one statistics dict per batch from `process` (never only from
-`finish_bundle`, which DaskRunner drops); `statistics.StatsCombineFn` sums them. The training
-mean (the rating of unknown ids) is a global combine used as a singleton side input. Memory per
-worker: the model (catalogue-sized) plus one batch of users with their rows; nothing grows with
-the number of users or ratings except the grouped PCollections the runner itself holds/spills.
+Why: the in-process evaluation held every test user's rows and top-k lists in numpy (4 GB at
+25M ratings). Here the train, validation and test rows are read from the examples' TFRecords,
+keyed by user and joined with one CoGroupByKey, so a user's rows meet in one place and are never
+collected in one process; users travel in batches (`beam.BatchElements`) to DoFns
+(`scoring.py`) that yield one dict of sums per batch from `process`; `StatsCombineFn` adds them.
 
-Stages: 3 reads, 2 keyed maps, 1 CoGroupByKey, 1 BatchElements, 1 scoring DoFn, 1 global
-combine, 1 mean combine (side input), 1 write of the combined statistics.
+Stages (a fixed number, no chain that grows with the data): 3 reads, 1 CoGroupByKey, 1
+BatchElements; catalogue sums (one global combine: popularity, raters, training mean, cold
+start, and within EASE's item limit its Gram matrix and the bias model's sums), whose derived
+side inputs are computed once; EASE's lambda chosen on validation (one ParDo + combine); the
+scoring ParDo + combine; one write. Above EASE's item limit the bias model needs its sweeps as
+rounds (one ParDo + combine each, `n_sweeps` of them, bounded). Memory per worker: one batch of
+users with their rows plus the catalogue-sized side inputs (items^2 for EASE within its limit)
+and the SavedModel(s); the runner itself holds or spills the grouped rows.
 """
 
 from __future__ import annotations
@@ -27,17 +30,27 @@ import numpy as np
 from components import features as F
 from components.artifacts.examples import SCHEMA, load_stats, split_files
 from components.beam_runners import pipeline_options
-from components.evaluation.statistics import (
-    StatsCombineFn,
-    add,
-    finish,
-    popularity_ranking,
-    popularity_top,
-    user_topk_stats,
+from components.evaluation import metrics as M
+from components.evaluation import statistics as S
+from components.evaluation.baselines import (
+    DEFAULT_ITEM_REG,
+    EASE,
+    EASE_LAMBDAS,
+    EASE_MAX_ITEMS,
+    BiasModel,
+    bias_item_sweeps,
+    choose_by_validation,
+    ease_skip_reason,
+)
+from components.evaluation.scoring import (
+    EaseValidationFn,
+    ScoreBatchFn,
+    bias_sweep_sums,
+    catalogue_sums,
 )
 
-BATCH_USERS = 4096  # as score_served_model's batches
-RESULT_FILE = "model-statistics.json"
+BATCH_USERS = 4096  # users per scoring batch (as score_served_model's batches)
+RESULT_FILE = "evaluation-statistics.json"
 
 
 def parse_example(record: bytes) -> tuple[int, int, float, float]:
@@ -72,160 +85,260 @@ def _read(pipeline, label: str, examples_dir: str, split: str):
     )
 
 
-class ScoreUsers(beam.DoFn):
-    """Scores a batch of users through the SavedModel's signatures and yields its statistics.
-
-    The model is loaded once per DoFn instance (`setup`), i.e. once per worker thread."""
-
-    def __init__(self, model_dir: str, examples_dir: str, settings: dict[str, Any]):
-        self.model_dir, self.examples_dir, self.settings = model_dir, examples_dir, settings
-
-    def setup(self):
-        from components.artifacts.saved_model import ServedModel
-        from components.artifacts.vocabulary import load_vocabularies
-
-        vocabularies = load_vocabularies(self.examples_dir, load_stats(self.examples_dir))
-        self.model = ServedModel(self.model_dir, vocabularies)
-
-    def process(self, batch, train_mean, ranking):
-        s, model = self.settings, self.model
-        k = min(s["k"], model.k)
-        users = np.array([user for user, _, _ in batch], dtype=np.int64)
-        known = users > 0
-        empty = np.full((len(users), model.k), -1, dtype=np.int32)
-        top, top_seen = empty.copy(), empty.copy()
-        ranking = np.asarray(ranking, dtype=np.int64)
-        if known.any():
-            excluded = [np.asarray(seen, dtype=np.int64) for (u, _, seen) in batch if u > 0]
-            top[known] = model.top_k(users[known], excluded)
-            top_seen[known] = model.top_k(users[known])
-        stats: dict[str, Any] = {}
-        user_rows, movie_rows, rating_rows = [], [], []
-        for i, (user, test_rows, _) in enumerate(batch):
-            movies = np.array([m for m, _, _ in test_rows], dtype=np.int64)
-            stars = np.array([st for _, _, st in test_rows], dtype=np.float64)
-            for prefix, lists in (("", top), ("seed_", top_seen)):
-                one = user_topk_stats(
-                    lists[i], movies, stars, k, s["hit_stars"], s["relevant_stars"], prefix
-                )
-                if prefix:  # the seed's metric needs only its hit counts
-                    one = {key: one[key] for key in ("seed_hits", "seed_hit_rows")}
-                stats = add(stats, one)
-            seen = np.asarray(batch[i][2], dtype=np.int64)
-            popular = popularity_top(ranking, seen, s["k"]).reshape(1, -1)
-            for prefix, lists in (
-                ("popularity/", popular),
-                ("popularity/seed_", popularity_top(ranking, seen[:0], s["k"]).reshape(1, -1)),
-            ):
-                one = user_topk_stats(
-                    lists[0], movies, stars, s["k"], s["hit_stars"], s["relevant_stars"], prefix
-                )
-                if prefix.endswith("seed_"):
-                    one = {key: one[key] for key in (prefix + "hits", prefix + "hit_rows")}
-                stats = add(stats, one)
-            user_rows.append(np.full(len(movies), user))
-            movie_rows.append(movies)
-            rating_rows.append([r for _, r, _ in test_rows])
-        if model.rates:
-            u, m = np.concatenate(user_rows), np.concatenate(movie_rows)
-            ratings = np.concatenate([np.asarray(r, dtype=np.float64) for r in rating_rows])
-            # As score_served_model: float32 predictions, the training mean for unknown ids.
-            predicted = np.full(len(u), float(train_mean), dtype=np.float32)
-            scorable = (u > 0) & (m > 0)
-            if scorable.any():
-                predicted[scorable] = model.predict_rating(u[scorable], m[scorable])
-            error = predicted.astype(np.float64) - ratings.astype(np.float32).astype(np.float64)
-            stats = add(stats, {"squared_error": float(np.sum(error**2)), "rating_rows": len(u)})
-        yield stats
+def _read(pipeline, label: str, examples_dir: str, split: str):
+    files = split_files(examples_dir, split)
+    return (
+        pipeline
+        | f"{label}: files" >> beam.Create(files)
+        | f"{label}: read" >> beam.io.ReadAllFromTFRecord()
+        | f"{label}: parse" >> beam.Map(parse_example)
+    )
 
 
-def _with_seen(element):
-    """(user, ([test rows], [seen movies])) -> (user, test rows, seen movies), test users only."""
-    user, (test_rows, seen) = element
-    test_rows = list(test_rows)
-    if test_rows:
-        yield user, test_rows, list(seen)
+def side_inputs(cat: dict[str, Any], width: int) -> dict[str, Any]:
+    """Catalogue-sized values derived once from the catalogue sums (the scoring's side input)."""
+    counts = np.asarray(cat["item_counts"], dtype=np.int64)
+    test_movies = np.flatnonzero(np.asarray(cat["test_movie_rows"]))
+    train_movies = np.flatnonzero(counts)
+    num_items = int(max(train_movies.max(initial=0), test_movies.max(initial=0))) + 1
+    mean = cat["rating_sum"] / cat["rating_rows"]
+    return {
+        "width": width,
+        "num_items": num_items,
+        "ranking": S.popularity_ranking(list(enumerate(counts.tolist()))),
+        "popularity_bucket": M.popularity_buckets(counts),
+        "raters": np.asarray(cat["raters"], dtype=np.float64),
+        "train_users": int(cat["train_users"]),
+        "candidates": int(train_movies.size),
+        "mean32": float(np.float32(mean)),
+        "mean64": float(mean),
+        "not_candidate": counts[:num_items] == 0,
+        "cold": (int(cat["cold_users"]), int(cat["cold_movies"])),
+    }
+
+
+def fit_ease(cat: dict[str, Any], side: dict[str, Any], has_validation: bool):
+    """(EASE fitted on the summed Gram, or None, why not)."""
+    reason = ease_skip_reason(side["num_items"])
+    if reason:
+        return None, reason
+    if not has_validation:
+        return None, "EASE skipped: no validation split to choose its lambda on"
+    n = side["num_items"]
+    return EASE(EASE_LAMBDAS[0]).fit_gram(np.asarray(cat["gram"])[:n, :n]), ""
+
+
+def choose_ease(sums: dict[str, Any], fitted) -> dict[str, Any]:
+    """EASE's lambda chosen on validation hit@10 (as evaluator.fit_ease), its weights, the note."""
+    ease, reason = fitted
+    if ease is None:
+        return {"note": reason, "weights": None}
+    rows = sums.get("rows", 0)
+    scores = {
+        lam: (sums[f"hits/{i}"] / rows if rows else 0.0) for i, lam in enumerate(EASE_LAMBDAS)
+    }
+    chosen = choose_by_validation(scores)
+    grid = ", ".join(f"{lam:g}: {value:.4f}" for lam, value in scores.items())
+    return {
+        "note": f"EASE lambda {chosen:g} chosen on validation hit@10 ({grid})",
+        "weights": ease.weights_for(chosen),
+        "num_items": ease.num_items,
+    }
+
+
+def bias_from_gram(cat: dict[str, Any], sweeps: int) -> dict[str, Any]:
+    mu = cat["rating_sum"] / cat["rating_rows"]
+    counts = np.asarray(cat["item_counts"], dtype=np.float64)
+    residual = np.asarray(cat["item_rating_sum"]) - counts * mu
+    terms = np.asarray(cat["terms_sum"]) - mu * np.asarray(cat["terms_count"])
+    previous, items = bias_item_sweeps(
+        counts, residual, terms, np.asarray(cat["user_gram"]), sweeps
+    )
+    return {"mu": mu, "previous": previous, "items": items}
+
+
+def _bias_rounds(batches, catalogue, width: int, sweeps: int):
+    """The bias model's alternating sweeps as rounds over the batches (catalogues above EASE's
+    limit, where the Gram form does not fit): one ParDo + combine per sweep, `sweeps` in all."""
+    state = catalogue | "bias: start" >> beam.Map(
+        lambda cat: {
+            "mu": cat["rating_sum"] / cat["rating_rows"],
+            "previous": np.zeros(width),
+            "items": np.zeros(width),
+            "counts": np.asarray(cat["item_counts"], dtype=np.float64),
+        }
+    )
+    for sweep in range(sweeps):
+        sums = (
+            batches
+            | f"bias: sweep {sweep}"
+            >> beam.Map(
+                lambda batch, st: bias_sweep_sums(batch, st["items"], st["mu"], width),
+                beam.pvalue.AsSingleton(state),
+            )
+            | f"bias: sum {sweep}" >> beam.CombineGlobally(S.StatsCombineFn())
+        )
+        state = sums | f"bias: movies {sweep}" >> beam.Map(
+            _next_sweep, beam.pvalue.AsSingleton(state)
+        )
+    return state
+
+
+def _next_sweep(sums: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    denom = state["counts"] + DEFAULT_ITEM_REG
+    residual = np.asarray(sums.get("item_residual", np.zeros(denom.size)), dtype=np.float64)
+    items = np.divide(residual, denom, out=np.zeros_like(denom), where=denom > 0)
+    return {**state, "previous": state["items"], "items": items}
 
 
 def build_graph(
-    pipeline, model_dir: str, examples_dir: str, settings: dict[str, Any], out_path: str
+    pipeline,
+    models: dict[str, str],
+    examples_dir: str,
+    settings: dict[str, Any],
+    out_path: str,
 ):
-    """The graph: read, key by user, CoGroupByKey, batch, score, combine, write one JSON line."""
+    """Wire the stages (module docstring); writes one JSON line of summed statistics."""
     stats = load_stats(examples_dir)
-    train = _read(pipeline, "train", examples_dir, F.TRAIN_SPLIT)
-    seen_parts = [train]
-    if stats["rows"].get(F.VALIDATION_SPLIT):
-        seen_parts.append(_read(pipeline, "validation", examples_dir, F.VALIDATION_SPLIT))
-    test = _read(pipeline, "test", examples_dir, F.TEST_SPLIT)
-    seen = (
-        seen_parts | "seen: flatten" >> beam.Flatten()
-        | "seen: by user" >> beam.Map(lambda row: (row[0], row[1]))
-    )  # fmt: skip
-    test_by_user = test | "test: by user" >> beam.Map(
-        lambda row: (row[0], (row[1], row[2], row[3]))
-    )
-    train_mean = (
-        train
-        | "train: ratings" >> beam.Map(lambda row: row[2])
-        | "train: mean" >> beam.combiners.Mean.Globally()
-    )
-    ranking = (
-        train
-        | "train: movies" >> beam.Map(lambda row: row[1])
-        | "train: movie counts" >> beam.combiners.Count.PerElement()
-        | "train: counts list" >> beam.combiners.ToList()
-        | "popularity ranking" >> beam.Map(lambda counts: popularity_ranking(counts).tolist())
-    )  # catalogue-sized: one side input
-    return (
-        {"test": test_by_user, "seen": seen}
+    width = int(stats["vocabulary"]["movies"]) + 1
+    dense = width <= EASE_MAX_ITEMS
+    has_validation = bool(stats["rows"].get(F.VALIDATION_SPLIT))
+    parts = {
+        "train": _read(pipeline, "train", examples_dir, F.TRAIN_SPLIT)
+        | "train: by user" >> beam.Map(lambda row: (row[0], (row[1], row[2]))),
+        "test": _read(pipeline, "test", examples_dir, F.TEST_SPLIT)
+        | "test: by user" >> beam.Map(lambda row: (row[0], (row[1], row[2], row[3]))),
+    }
+    if has_validation:
+        parts["validation"] = _read(
+            pipeline, "validation", examples_dir, F.VALIDATION_SPLIT
+        ) | "validation: by user" >> beam.Map(lambda row: (row[0], (row[1], row[3])))
+    batches = (
+        parts
         | "join by user" >> beam.CoGroupByKey()
-        | "test users"
-        >> beam.FlatMap(lambda kv: _with_seen((kv[0], (kv[1]["test"], kv[1]["seen"]))))
+        | "user rows" >> beam.Map(lambda kv: (kv[0], {k: list(v) for k, v in kv[1].items()}))
         | "batch users" >> beam.BatchElements(min_batch_size=1, max_batch_size=settings["batch"])
+    )
+    catalogue = (
+        batches
+        | "catalogue: batch sums" >> beam.Map(catalogue_sums, width, dense)
+        | "catalogue: sum" >> beam.CombineGlobally(S.StatsCombineFn())
+    )
+    side = catalogue | "side inputs" >> beam.Map(side_inputs, width)
+    fitted = catalogue | "EASE: fit" >> beam.Map(
+        fit_ease, beam.pvalue.AsSingleton(side), has_validation
+    )
+    ease = (
+        batches
+        | "EASE: validation"
+        >> beam.ParDo(
+            EaseValidationFn(EASE_LAMBDAS, settings["hit_stars"]),
+            beam.pvalue.AsSingleton(fitted),
+            beam.pvalue.AsSingleton(side),
+        )
+        | "EASE: validation sum" >> beam.CombineGlobally(S.StatsCombineFn())
+        | "EASE: choose lambda" >> beam.Map(choose_ease, beam.pvalue.AsSingleton(fitted))
+    )
+    sweeps = BiasModel().n_sweeps
+    if dense:
+        bias = catalogue | "bias: fit" >> beam.Map(bias_from_gram, sweeps)
+    else:
+        bias = _bias_rounds(batches, catalogue, width, sweeps)
+    return (
+        batches
         | "score"
         >> beam.ParDo(
-            ScoreUsers(model_dir, examples_dir, settings),
-            beam.pvalue.AsSingleton(train_mean),
-            beam.pvalue.AsSingleton(ranking),
+            ScoreBatchFn(models, examples_dir, settings),
+            beam.pvalue.AsSingleton(side),
+            beam.pvalue.AsSingleton(ease),
+            beam.pvalue.AsSingleton(bias),
         )
-        | "combine" >> beam.CombineGlobally(StatsCombineFn())
+        | "score: sum" >> beam.CombineGlobally(S.StatsCombineFn())
         | "to json"
-        >> beam.Map(lambda s: json.dumps({k: np.asarray(v).tolist() for k, v in s.items()}))
+        >> beam.Map(_result_json, beam.pvalue.AsSingleton(side), beam.pvalue.AsSingleton(ease))
         | "write" >> beam.io.WriteToText(out_path, shard_name_template="")
     )
 
 
-def score_model_beam(
+def _result_json(sums: dict[str, Any], side: dict[str, Any], ease: dict[str, Any]) -> str:
+    return json.dumps(
+        {
+            "sums": {key: np.asarray(value).tolist() for key, value in sums.items()},
+            "candidates": side["candidates"],
+            "cold": list(side["cold"]),
+            "ease_note": ease["note"],
+            "ease": ease["weights"] is not None,
+        }
+    )
+
+
+def evaluate_beam(
     model_dir: str,
     examples_dir: str,
+    previous_model_dir: str | None = None,
     runner: str = "DirectRunner",
     beam_args: list[str] | None = None,
-    k: int = 10,
-    batch: int = BATCH_USERS,
+    batch: int | None = None,
 ) -> dict[str, Any]:
-    """The served model's figures (as `evaluator.score_served_model`): {"metrics", "curve",
-    "baselines": {"popularity": {"metrics", "curve"}}}."""
+    """Run the job; returns the figures `evaluator.evaluate` reports: "model", "previous",
+    "baselines", "curves", "slices", "ease_note", "cold" (test rows of unknown users, movies)."""
     from components.artifacts.saved_model import read_metadata
 
     stats = load_stats(examples_dir)
     low, high = stats.get("stars_range", F.DEFAULT_STARS_RANGE)
+    explicit = bool(stats.get("explicit", True))
     settings = {
-        "k": k,
-        "batch": batch,
+        "batch": batch or BATCH_USERS,
         "hit_stars": float(high),
         "relevant_stars": low + 0.75 * (high - low),
+        "explicit": explicit,
     }
-    info = read_metadata(model_dir)
-    explicit = F.SIGNATURE_RANK in info.get("signatures", [F.SIGNATURE_RANK])
+    models = {"model": model_dir}
+    if previous_model_dir:
+        models["previous"] = previous_model_dir
     with tempfile.TemporaryDirectory(prefix="mtrec-eval-beam-") as workdir:
         out_path = os.path.join(workdir, RESULT_FILE)
         with beam.Pipeline(options=pipeline_options(runner, beam_args)) as pipeline:
-            build_graph(pipeline, model_dir, examples_dir, settings, out_path)
+            build_graph(pipeline, models, examples_dir, settings, out_path)
         with open(out_path, encoding="utf-8") as handle:
-            summed = {
-                key: np.asarray(v) if isinstance(v, list) else v
-                for key, v in json.loads(handle.read()).items()
-            }
-    out = finish(summed, min(k, int(info["k"])), explicit, float(high - low))
-    out["baselines"] = {"popularity": finish(summed, k, False, float(high - low), "popularity/")}
-    return out
+            result = json.loads(handle.read())
+    sums = {k: np.asarray(v) if isinstance(v, list) else v for k, v in result["sums"].items()}
+    per_unit = float(high - low)
+
+    def served(name: str, path: str) -> dict[str, float]:
+        info = read_metadata(path)
+        k = min(S.K, int(info["k"]))
+        metrics = S.topk_figures(sums, f"{name}/", k)
+        metrics["seed_hit@10"] = float(S.hit_curve(sums, f"{name}/seed_", k)[-1])
+        if f"{name}/rated" in sums:
+            metrics.update(S.rating_figures(sums, f"{name}/", per_unit))
+        return metrics
+
+    model = served("model", model_dir)
+    model_k = int(read_metadata(model_dir)["k"])
+    curves = {"model": S.hit_curve(sums, "model/", model_k)}
+    popularity = S.topk_figures(sums, "popularity/", S.K)
+    popularity["seed_hit@10"] = float(S.hit_curve(sums, "popularity/seed_", S.K)[-1])
+    baselines: dict[str, dict[str, float]] = {"popularity": popularity}
+    ranked = ["model", "popularity"]
+    curves["popularity"] = S.hit_curve(sums, "popularity/", S.K)
+    if result["ease"]:
+        baselines["EASE"] = S.topk_figures(sums, "EASE/", S.K)
+        curves["EASE"] = S.hit_curve(sums, "EASE/", S.K)
+        ranked.append("EASE")
+    if explicit:
+        baselines["global mean"] = S.rating_figures(sums, "global mean/", per_unit)
+        baselines["user+item bias"] = S.rating_figures(sums, "user+item bias/", per_unit)
+    model.update(S.beyond_figures(sums, "model/", result["candidates"]))
+    for name in ranked[1:]:
+        baselines[name].update(S.beyond_figures(sums, f"{name}/", result["candidates"]))
+    labels = {S.ACTIVITY_TITLE: tuple(M.bucket_labels()), S.POPULARITY_TITLE: M.POPULARITY_LABELS}
+    return {
+        "model": model,
+        "previous": served("previous", previous_model_dir) if previous_model_dir else None,
+        "baselines": baselines,
+        "curves": curves,
+        "slices": S.sliced_rows(sums, ranked, labels),
+        "ease_note": result["ease_note"],
+        "cold": tuple(result["cold"]),
+    }

@@ -265,7 +265,10 @@ def evaluate_baselines(
 
 def cold_start_notes(test: Split) -> list[str]:
     """How many test ratings fall outside the vocabularies (learned on train)."""
-    users, movies = int((test.users == 0).sum()), int((test.movies == 0).sum())
+    return cold_start_note(int((test.users == 0).sum()), int((test.movies == 0).sum()))
+
+
+def cold_start_note(users: int, movies: int) -> list[str]:
     if not users and not movies:
         return []
     return [
@@ -326,7 +329,68 @@ def evaluate(
     config: GateConfig,
     previous_model_path: str | None = None,
 ) -> EvaluationResult:
-    """Everything the stage computes, as a plain result object (no files written)."""
+    """Everything the stage computes, as a plain result object (no files written): a Beam job
+    (`beam_pipeline.py`) on `config.evaluation_runner`, its options from
+    `config.evaluation_beam_args`; the previously blessed model is copied here and checked first."""
+    from components.evaluation.beam_pipeline import evaluate_beam
+
+    stats = load_stats(examples_dir)
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="mtrec-previous-") as workdir:
+        previous_local = None
+        if previous_model_path:
+            log.info("comparing with the previously blessed model %s", previous_model_path)
+            with storage.local_copy(previous_model_path, workdir) as local:
+                try:
+                    ServedModel(local, load_vocabularies(examples_dir, stats))
+                except DataError as err:  # another data set's model: nothing to compare with
+                    notes.append(f"previous model not compared: {err}")
+                else:
+                    previous_local = local
+                out = evaluate_beam(
+                    model_dir,
+                    examples_dir,
+                    previous_local,
+                    config.evaluation_runner,
+                    list(config.evaluation_beam_args),
+                )
+        else:
+            out = evaluate_beam(
+                model_dir,
+                examples_dir,
+                None,
+                config.evaluation_runner,
+                list(config.evaluation_beam_args),
+            )
+    notes = [out["ease_note"], *cold_start_note(*out["cold"]), *notes]
+    previous = None
+    if out["previous"] is not None:
+        previous = {
+            "version": int(storage.basename(previous_model_path)),
+            "path": previous_model_path,
+            "metrics": out["previous"],
+        }
+    gates = build_gates(out["model"], out["baselines"], previous, config)
+    return EvaluationResult(
+        out["model"],
+        out["baselines"],
+        previous,
+        gates,
+        out["curves"],
+        out["slices"],
+        notes,
+        dict(SEED_REFERENCE) if stats.get("layout", ML_100K.name) == ML_100K.name else None,
+    )
+
+
+def evaluate_in_process(
+    model_dir: str,
+    examples_dir: str,
+    config: GateConfig,
+    previous_model_path: str | None = None,
+) -> EvaluationResult:
+    """The reference the Beam job is tested against: everything in numpy in this process
+    (every test user's rows and top-k lists at once: 4 GB at 25M ratings)."""
     stats = load_stats(examples_dir)
     vocabularies = load_vocabularies(examples_dir, stats)
     train = Split.load(examples_dir, F.TRAIN_SPLIT)
