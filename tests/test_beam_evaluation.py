@@ -51,7 +51,9 @@ def test_batch_sums_add_up_to_the_in_process_metrics_and_slices():
         )  # fmt: skip
         sums = S.add(sums, batch)
     got = S.topk_figures(sums, "m/", 10)
-    assert got["hit@10"] == pytest.approx(M.hit_rate_curve(top, users, movies, stars)[-1], abs=1e-12)
+    assert got["hit@10"] == pytest.approx(
+        M.hit_rate_curve(top, users, movies, stars)[-1], abs=1e-12
+    )
     assert got["recall@10"] == pytest.approx(M.recall_at_k(top, users, movies, stars), abs=1e-12)
     assert got["ndcg@10"] == pytest.approx(M.ndcg_at_k(top, users, movies, stars), abs=1e-12)
     expected = M.sliced_topk_metrics(top, users, movies, stars, row_slice, ("a", "b", "c"))
@@ -74,7 +76,9 @@ def test_the_bias_model_from_catalogue_sums_is_the_alternating_fit():
     w = 1 / (n + DEFAULT_USER_REG)
     residual = np.bincount(m, weights=r - mu, minlength=width)
     terms = c.T @ (w * (np.bincount(u, weights=r, minlength=30) - n * mu))
-    previous, items = bias_item_sweeps(np.bincount(m, minlength=width), residual, terms, (c * w[:, None]).T @ c, 10)
+    previous, items = bias_item_sweeps(
+        np.bincount(m, minlength=width), residual, terms, (c * w[:, None]).T @ c, 10
+    )
     np.testing.assert_allclose(items[: reference.item_bias.size], reference.item_bias, atol=1e-12)
     user = (np.bincount(u, weights=r - mu, minlength=30) - c @ previous) * w
     np.testing.assert_allclose(user, reference.user_bias, atol=1e-12)
@@ -139,7 +143,9 @@ def assert_same_evaluation(got, expected):
     assert got.notes == expected.notes
 
 
-def test_the_beam_evaluation_gives_the_in_process_figures(tmp_path, small_examples, small_saved_model):
+def test_the_beam_evaluation_gives_the_in_process_figures(
+    tmp_path, small_examples, small_saved_model
+):
     """Small data, several batches of users, the previous-model comparison included."""
     import shutil
 
@@ -158,4 +164,29 @@ def test_the_beam_evaluation_gives_the_in_process_figures(tmp_path, small_exampl
     finally:
         beam_pipeline.BATCH_USERS = original
     assert got.previous["version"] == 3
+    assert_same_evaluation(got, expected)
+
+
+@pytest.mark.slow
+def test_the_beam_evaluation_gives_the_in_process_figures_on_ml100k(tmp_path, ml100k_dir):
+    """The real ML-100k (one training epoch: the figures, not the quality, are compared), EASE
+    and the bias model included, the previous-model comparison too."""
+    import shutil
+
+    from components.config import DEFAULT_TRAINING, GateConfig, PreprocessingConfig
+    from components.evaluation.evaluator import evaluate, evaluate_in_process
+    from components.ingestion.ingest import run_ingestion
+    from components.preprocessing.pipeline import run_preprocessing
+    from components.training.trainer import run_training
+
+    ratings, movies = str(tmp_path / "ratings"), str(tmp_path / "movies")
+    examples, model = str(tmp_path / "examples"), str(tmp_path / "model")
+    run_ingestion(ml100k_dir, ratings, movies)
+    run_preprocessing(ratings, examples, PreprocessingConfig())
+    run_training(examples, model, DEFAULT_TRAINING.replace(epochs=1))
+    previous = tmp_path / "serving" / "mtrec" / "1"
+    shutil.copytree(model, previous)
+    expected = evaluate_in_process(model, examples, GateConfig(), str(previous))
+    got = evaluate(model, examples, GateConfig(), str(previous))
+    assert "EASE" in got.baselines and "user+item bias" in got.baselines
     assert_same_evaluation(got, expected)
