@@ -190,3 +190,41 @@ def test_the_beam_evaluation_gives_the_in_process_figures_on_ml100k(tmp_path, ml
     got = evaluate(model, examples, GateConfig(), str(previous))
     assert "EASE" in got.baselines and "user+item bias" in got.baselines
     assert_same_evaluation(got, expected)
+
+
+def test_evaluation_runner_flags_map_to_the_config():
+    from components.config import GateConfig
+    from pipeline import cli
+
+    args = cli.build_parser().parse_args(
+        [
+            "run", "--evaluation-runner", "DirectRunner",
+            "--evaluation-beam-arg=--direct_num_workers=2", "--evaluation-beam-arg=--max_num_workers=3",
+        ]
+    )  # fmt: skip
+    gates = cli.config_from_args(args).gates
+    assert gates.evaluation_runner == "DirectRunner"
+    assert gates.evaluation_beam_args == ("--direct_num_workers=2", "--max_num_workers=3")
+    # As the KFP evaluation component receives it: a dict parameter.
+    assert GateConfig.from_dict(gates.to_dict()) == gates
+
+
+def test_mtrec_evaluate_passes_beam_args(tmp_path, small_examples, small_saved_model, capsys):
+    import json
+    import os
+
+    from pipeline import cli
+
+    out = str(tmp_path / "evaluation")
+    argv = ["evaluate", "--model", small_saved_model, "--examples", small_examples["examples"]]
+    argv += [
+        "--output",
+        out,
+        "--beam-args",
+        "--direct_num_workers=1",
+        "--direct_running_mode=in_memory",
+    ]
+    assert cli.main(argv) == 0
+    with open(os.path.join(out, "metrics.json"), encoding="utf-8") as handle:
+        assert "popularity" in json.load(handle)["baselines"]
+    assert "blessed:" in capsys.readouterr().out
