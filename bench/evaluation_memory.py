@@ -17,10 +17,10 @@ import time
 CHILD = """
 import sys
 from components.config import GateConfig
-from components.evaluation import evaluator
+from components.evaluation import evaluator, reference
 mode, model, examples, beam_args = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split()
 config = GateConfig(evaluation_beam_args=tuple(beam_args))
-run = evaluator.evaluate if mode == "beam" else evaluator.evaluate_in_process
+run = evaluator.evaluate if mode == "beam" else reference.evaluate_in_process
 result = run(model, examples, config)
 print("hit@10", result.metrics["hit@10"], "rmse", result.metrics.get("rmse"))
 """

@@ -6,30 +6,6 @@ import pytest
 from components.evaluation import statistics as S
 
 
-def test_user_statistics_sum_to_the_in_process_metrics():
-    from components.evaluation import metrics as M
-
-    rng = np.random.default_rng(0)
-    users = rng.integers(0, 6, 80)
-    movies = rng.integers(0, 12, 80)
-    stars = rng.integers(1, 6, 80).astype(float)
-    top = np.stack([rng.permutation(12)[:5] for _ in range(6)]).astype(np.int32)
-    top[0] = -1  # the cold-start row
-    stats = {}
-    for user in np.unique(users):
-        rows = users == user
-        stats = S.add(stats, S.user_topk_stats(top[user], movies[rows], stars[rows], 5, 5.0, 4.0))
-    stats.update({"seed_hits": stats["hits"], "seed_hit_rows": stats["hit_rows"]})
-    out = S.finish(stats, 5, explicit=False, stars_per_unit=4.0)
-    assert out["metrics"]["hit@5"] == pytest.approx(
-        M.hit_rate_curve(top, users, movies, stars, 5.0, 5)[-1]
-    )
-    assert out["metrics"]["recall@5"] == pytest.approx(
-        M.recall_at_k(top, users, movies, stars, 5, 4.0)
-    )
-    assert out["metrics"]["ndcg@5"] == pytest.approx(M.ndcg_at_k(top, users, movies, stars, 5, 4.0))
-
-
 def test_batch_sums_add_up_to_the_in_process_metrics_and_slices():
     from components.evaluation import metrics as M
 
@@ -151,7 +127,8 @@ def test_the_beam_evaluation_gives_the_in_process_figures(
 
     from components.config import GateConfig
     from components.evaluation import beam_pipeline
-    from components.evaluation.evaluator import evaluate, evaluate_in_process
+    from components.evaluation.evaluator import evaluate
+    from components.evaluation.reference import evaluate_in_process
 
     previous = tmp_path / "serving" / "mtrec" / "3"
     shutil.copytree(small_saved_model, previous)
@@ -174,7 +151,8 @@ def test_the_beam_evaluation_gives_the_in_process_figures_on_ml100k(tmp_path, ml
     import shutil
 
     from components.config import DEFAULT_TRAINING, GateConfig, PreprocessingConfig
-    from components.evaluation.evaluator import evaluate, evaluate_in_process
+    from components.evaluation.evaluator import evaluate
+    from components.evaluation.reference import evaluate_in_process
     from components.ingestion.ingest import run_ingestion
     from components.preprocessing.pipeline import run_preprocessing
     from components.training.trainer import run_training
@@ -228,3 +206,23 @@ def test_mtrec_evaluate_passes_beam_args(tmp_path, small_examples, small_saved_m
     with open(os.path.join(out, "metrics.json"), encoding="utf-8") as handle:
         assert "popularity" in json.load(handle)["baselines"]
     assert "blessed:" in capsys.readouterr().out
+
+
+def test_above_the_item_limit_the_bias_model_is_fitted_in_rounds(
+    monkeypatch, small_examples, small_saved_model
+):
+    """No Gram matrix (EASE skipped): the bias model's sweeps run as rounds over the batches and
+    give the same RMSE."""
+    from components.config import GateConfig
+    from components.evaluation import beam_pipeline
+    from components.evaluation.evaluator import evaluate
+    from components.evaluation.reference import evaluate_in_process
+
+    examples = small_examples["examples"]
+    expected = evaluate_in_process(small_saved_model, examples, GateConfig())
+    monkeypatch.setattr(beam_pipeline, "EASE_MAX_ITEMS", 1)
+    got = evaluate(small_saved_model, examples, GateConfig())
+    assert "EASE" not in got.baselines and got.notes[0].startswith("EASE skipped")
+    for name in ("user+item bias", "global mean"):
+        for figure, value in expected.baselines[name].items():
+            assert got.baselines[name][figure] == pytest.approx(value, abs=1e-6), (name, figure)

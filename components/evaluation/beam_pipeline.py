@@ -119,7 +119,7 @@ def side_inputs(cat: dict[str, Any], width: int) -> dict[str, Any]:
 
 def fit_ease(cat: dict[str, Any], side: dict[str, Any], has_validation: bool):
     """(EASE fitted on the summed Gram, or None, why not)."""
-    reason = ease_skip_reason(side["num_items"])
+    reason = ease_skip_reason(side["num_items"], EASE_MAX_ITEMS)
     if reason:
         return None, reason
     if not has_validation:

@@ -23,42 +23,6 @@ POPULARITY_TITLE = "by item popularity"
 Sums = dict[str, Any]  # flat: "system/figure" -> count, sum or array
 
 
-def user_topk_stats(
-    top: np.ndarray,
-    movies: np.ndarray,
-    stars: np.ndarray,
-    k: int,
-    hit_stars: float,
-    relevant_stars: float,
-    prefix: str = "",
-) -> dict[str, Any]:
-    """One user's statistics: `top` [K] movie ids, `movies`/`stars` the user's test rows.
-
-    hits: counts of 5-star rows (duplicates included) by rank (index K: absent); users with a
-    relevant movie (>= relevant_stars, duplicates once) add to users/recall/ndcg sums."""
-    top = np.asarray(top).reshape(1, -1)
-    width = top.shape[1]
-    movies = np.asarray(movies, dtype=np.int64)
-    stars = np.asarray(stars, dtype=np.float64)
-    zeros = np.zeros(len(movies), dtype=np.int64)
-    hit_rows = stars >= hit_stars
-    ranks = M.rank_positions(top, zeros[hit_rows], movies[hit_rows])
-    out = {
-        prefix + "hits": np.bincount(ranks, minlength=width + 1).astype(np.int64),
-        prefix + "hit_rows": int(hit_rows.sum()),
-    }
-    relevant = np.unique(movies[(stars >= relevant_stars) & (movies != PADDING_ID)])
-    if relevant.size:
-        rel_ranks = M.rank_positions(top, np.zeros(relevant.size, np.int64), relevant)
-        hit = rel_ranks < k
-        dcg = float(np.sum(np.where(hit, 1.0 / np.log2(np.minimum(rel_ranks, k) + 2.0), 0.0)))
-        ideal = float(np.sum(1.0 / np.log2(np.arange(1, min(relevant.size, k) + 1) + 1.0)))
-        out[prefix + "users"] = 1
-        out[prefix + "recall_sum"] = float(hit.sum()) / relevant.size
-        out[prefix + "ndcg_sum"] = dcg / ideal
-    return out
-
-
 def popularity_ranking(counts: list[tuple[int, int]]) -> np.ndarray:
     """(movie, training count) pairs -> movies most rated first, ties by lower id, padding out
     (as `baselines.popularity_ranking`); catalogue-sized."""
@@ -82,32 +46,6 @@ def add(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     for key, value in b.items():
         out[key] = out[key] + value if key in out else value
     return out
-
-
-def finish(
-    stats: dict[str, Any], k: int, explicit: bool, stars_per_unit: float, system: str = ""
-) -> dict[str, Any]:
-    """The figures `score_served_model` reports, and its hit@k curve, from summed statistics
-    (`system`: the key prefix of a baseline's statistics, e.g. "popularity/")."""
-
-    def curve(prefix: str) -> np.ndarray:
-        hits, rows = stats.get(prefix + "hits"), stats.get(prefix + "hit_rows", 0)
-        if hits is None or rows == 0:
-            return np.zeros(len(hits) - 1 if hits is not None else k, dtype=np.float64)
-        return np.cumsum(hits[:-1]) / rows
-
-    full = curve(system)
-    users = stats.get(system + "users", 0)
-    metrics = {
-        f"hit@{k}": float(full[k - 1]),
-        f"recall@{k}": stats.get(system + "recall_sum", 0.0) / users if users else 0.0,
-        f"ndcg@{k}": stats.get(system + "ndcg_sum", 0.0) / users if users else 0.0,
-        "seed_hit@10": float(curve(system + "seed_")[k - 1]),
-    }
-    if explicit and not system and stats.get("rating_rows"):
-        error = float(np.sqrt(stats["squared_error"] / stats["rating_rows"]))
-        metrics.update({"rmse": error, "rmse_stars": error * stars_per_unit})
-    return {"metrics": metrics, "curve": full}
 
 
 # --- top-k lists of one batch of users ---
