@@ -275,7 +275,15 @@ class TrainingConfig(_Section):
 
 @dataclass(frozen=True)
 class GateConfig(_Section):
-    """Blessing thresholds. Defaults are ones the default model passes on ML-100k."""
+    """The evaluation stage: its Beam runner and options, and the blessing thresholds (defaults
+    are ones the default model passes on ML-100k)."""
+
+    # The evaluation is a Beam job (as preprocessing): Prism downloads a binary, name the runner.
+    evaluation_runner: str = "DirectRunner"
+    # Runner flags passed through untouched (Dataflow's --project, --region, ...).
+    evaluation_beam_args: tuple[str, ...] = field(
+        default=(), metadata={"flag": "evaluation-beam-arg"}
+    )
 
     max_rmse: float = (
         0.235  # normalised units (the bias baseline is ~0.236, the default model ~0.222)

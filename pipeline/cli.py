@@ -250,11 +250,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from components.evaluation.report import format_table
 
     config = config_from_args(args)
+    gates = config.gates
+    if args.beam_args:  # --beam-args ... is the last flag: the rest of the line
+        gates = gates.replace(evaluation_beam_args=(*gates.evaluation_beam_args, *args.beam_args))
     result = run_evaluation(
         args.model,
         args.examples,
         args.output,
-        config.gates,
+        gates,
         args.serving_model_dir or "",
         config.model_name,
     )
@@ -399,6 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", required=True, help="folder for metrics, blessing and report")
     ev.add_argument("--serving-model-dir", help="push location holding the previously blessed model")
     ev.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
+    ev.add_argument(
+        "--beam-args",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="standard Beam pipeline options for the evaluation job (added to "
+        "--evaluation-beam-arg), e.g. --beam-args --runner=DataflowRunner ...",
+    )
     add_config_arguments(ev, ("gates",))
     ev.set_defaults(func=cmd_evaluate)
 

@@ -191,6 +191,29 @@ class BiasModel:
         return pred
 
 
+def bias_item_sweeps(
+    item_count: np.ndarray,
+    item_residual: np.ndarray,
+    user_terms: np.ndarray,
+    user_gram: np.ndarray,
+    n_sweeps: int,
+    item_reg: float = DEFAULT_ITEM_REG,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`BiasModel.fit`'s movie biases after n_sweeps - 1 and n_sweeps sweeps, from catalogue-sized
+    sums alone (the Beam evaluation's bounded-stage fit): with w_u = 1 / (n_u + user_reg) and c_ui
+    user u's ratings of movie i, a sweep is b <- (S_i - T_i + G b) / (n_i + item_reg), where
+    S_i = `item_residual` (sum of r - mu), T_i = `user_terms` (sum_u c_ui w_u sum_u(r - mu)) and
+    G = `user_gram` (sum_u w_u c_u c_u^T). A user's bias is then (sum_u(r - mu) - c_u b_prev) w_u."""
+    denom = np.asarray(item_count, dtype=np.float64) + item_reg
+    b = np.zeros(denom.size)
+    previous = b
+    for _ in range(n_sweeps):
+        previous = b
+        sums = item_residual - user_terms + user_gram @ b
+        b = np.divide(sums, denom, out=np.zeros_like(sums), where=denom > 0)
+    return previous, b
+
+
 def _ridge_mean(ids: np.ndarray, values: np.ndarray, counts: np.ndarray, reg: float) -> np.ndarray:
     """Per-id sum(values) / (count + reg): the L2-regularised least-squares bias."""
     sums = np.bincount(ids, weights=values, minlength=counts.size)
@@ -267,9 +290,17 @@ class EASE:
         reason = ease_skip_reason(num_items, self.max_items)
         if reason:
             raise ValueError(reason)
-        self.num_items = int(num_items)
         self._x = _interactions(users, movies, num_rows, num_items)
-        eigenvalues, eigenvectors = np.linalg.eigh(self._x.T @ self._x)
+        return self.fit_gram(self._x.T @ self._x)
+
+    def fit_gram(self, gram: np.ndarray) -> EASE:
+        """Fit on the item-item Gram matrix X^T X alone (what the Beam evaluation sums over
+        batches of users; binary X makes it exact integers, whatever the order)."""
+        reason = ease_skip_reason(gram.shape[0], self.max_items)
+        if reason:
+            raise ValueError(reason)
+        self.num_items = int(gram.shape[0])
+        eigenvalues, eigenvectors = np.linalg.eigh(gram)
         self._eigen = (np.maximum(eigenvalues, 0.0), eigenvectors)
         return self.set_lambda(self.lam)
 
@@ -279,15 +310,21 @@ class EASE:
         if lam <= 0:
             raise ValueError(f"lambda must be > 0, got {lam}")
         self.lam = float(lam)
+        self.weights = self.weights_for(lam)
+        return self
+
+    def weights_for(self, lam: float) -> np.ndarray:
+        """B for one lambda, without changing the fitted object (safe to share between threads)."""
+        if self._eigen is None:
+            raise ValueError("fit first")
         eigenvalues, eigenvectors = self._eigen
         # V diag(1 / (e + lam)) V^T as S S^T with S = V / sqrt(e + lam): numpy runs a product
         # with its own transpose as one symmetric rank-k update, half a general product's work.
-        scaled = eigenvectors / np.sqrt(eigenvalues + self.lam)
+        scaled = eigenvectors / np.sqrt(eigenvalues + float(lam))
         p = scaled @ scaled.T
         b = -p / np.diag(p)
         b[np.diag_indices_from(b)] = 0.0
-        self.weights = b
-        return self
+        return b
 
     def top_k(
         self,
@@ -297,12 +334,26 @@ class EASE:
     ) -> np.ndarray:
         """[num_rows, k] movie ids per user row from the fitted history; the padding id, movies
         nobody rated in training and the given (user, movie) pairs are never recommended."""
-        scores = self._x @ self.weights
-        scores[self._x > 0] = -np.inf
-        scores[:, self._x.sum(axis=0) == 0] = -np.inf  # no training rating: not a candidate
-        scores[:, PADDING_ID] = -np.inf
-        if exclude_users is not None and exclude_movies is not None:
-            scores[
-                np.asarray(exclude_users, np.int64), np.asarray(exclude_movies, np.int64)
-            ] = -np.inf
-        return _top_k_rows(scores, k)
+        return ease_top_k(
+            self._x, self.weights, k, self._x.sum(axis=0) == 0, exclude_users, exclude_movies
+        )
+
+
+def ease_top_k(
+    x: np.ndarray,
+    weights: np.ndarray,
+    k: int,
+    not_candidate: np.ndarray,
+    exclude_rows: np.ndarray | None = None,
+    exclude_movies: np.ndarray | None = None,
+) -> np.ndarray:
+    """EASE's top k for the users whose binary histories are the rows of `x`: X B with each
+    row's own movies, the non-candidates (no training rating), the padding id and the given
+    (row, movie) pairs masked. One definition for the whole matrix and for a batch of users."""
+    scores = x @ weights
+    scores[x > 0] = -np.inf
+    scores[:, not_candidate] = -np.inf
+    scores[:, PADDING_ID] = -np.inf
+    if exclude_rows is not None and exclude_movies is not None:
+        scores[np.asarray(exclude_rows, np.int64), np.asarray(exclude_movies, np.int64)] = -np.inf
+    return _top_k_rows(scores, k)

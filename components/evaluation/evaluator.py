@@ -10,13 +10,11 @@ over test movies rated >= 4, the seed's own metric (seen included), and RMSE (no
 stars). Baselines computed on the same split: popularity, global mean, a user+item bias model.
 """
 
-import importlib
 import json
 import logging
 import os
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -265,7 +263,10 @@ def evaluate_baselines(
 
 def cold_start_notes(test: Split) -> list[str]:
     """How many test ratings fall outside the vocabularies (learned on train)."""
-    users, movies = int((test.users == 0).sum()), int((test.movies == 0).sum())
+    return cold_start_note(int((test.users == 0).sum()), int((test.movies == 0).sum()))
+
+
+def cold_start_note(users: int, movies: int) -> list[str]:
     if not users and not movies:
         return []
     return [
@@ -326,57 +327,55 @@ def evaluate(
     config: GateConfig,
     previous_model_path: str | None = None,
 ) -> EvaluationResult:
-    """Everything the stage computes, as a plain result object (no files written)."""
+    """Everything the stage computes, as a plain result object (no files written): a Beam job
+    (`beam_pipeline.py`) on `config.evaluation_runner`, its options from
+    `config.evaluation_beam_args`; the previously blessed model is copied here and checked first."""
+    from components.evaluation.beam_pipeline import evaluate_beam
+
     stats = load_stats(examples_dir)
-    vocabularies = load_vocabularies(examples_dir, stats)
-    train = Split.load(examples_dir, F.TRAIN_SPLIT)
-    validation = Split.load_optional(examples_dir, F.VALIDATION_SPLIT)
-    test = Split.load(examples_dir, F.TEST_SPLIT)
-    seen = concat_splits(train, validation)  # every pair outside the test split is skipped
-    num_rows = max(vocabularies.users.rows, int(test.users.max(initial=0)) + 1)
-    explicit = bool(stats.get("explicit", True))
-    # The baselines (numpy; EASE's linear algebra releases the GIL) run beside the SavedModel's
-    # loading and scoring (TensorFlow ops): each waits less for the other on a few cores.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="baselines") as pool:
-        pending = pool.submit(evaluate_baselines, train, validation, test, num_rows, explicit)
-        pool.submit(importlib.import_module, "components.evaluation.report")  # matplotlib, for the report
-        candidate = ServedModel(model_dir, vocabularies)
-        model = score_served_model(candidate, seen, test, train)
-        baselines, notes = pending.result()
-    notes += cold_start_notes(test)
-    ranked = {"model": model, **{k: v for k, v in baselines.items() if isinstance(v, Scored)}}
-    for scored in ranked.values():
-        scored.metrics.update(beyond_accuracy(scored.top, test, train))
-    previous = None
-    if previous_model_path:
-        log.info("comparing with the previously blessed model %s", previous_model_path)
-        try:
-            with (
-                tempfile.TemporaryDirectory(prefix="mtrec-previous-") as workdir,
-                storage.local_copy(previous_model_path, workdir) as local,
-            ):
-                previous_model = ServedModel(local, vocabularies)
-                previous_metrics = score_served_model(previous_model, seen, test, train).metrics
-        except DataError as err:  # another data set's model: nothing to compare with
-            notes.append(f"previous model not compared: {err}")
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="mtrec-previous-") as workdir:
+        previous_local = None
+        if previous_model_path:
+            log.info("comparing with the previously blessed model %s", previous_model_path)
+            with storage.local_copy(previous_model_path, workdir) as local:
+                try:
+                    ServedModel(local, load_vocabularies(examples_dir, stats))
+                except DataError as err:  # another data set's model: nothing to compare with
+                    notes.append(f"previous model not compared: {err}")
+                else:
+                    previous_local = local
+                out = evaluate_beam(
+                    model_dir,
+                    examples_dir,
+                    previous_local,
+                    config.evaluation_runner,
+                    list(config.evaluation_beam_args),
+                )
         else:
-            previous = {
-                "version": int(storage.basename(previous_model_path)),
-                "path": previous_model_path,
-                "metrics": previous_metrics,
-            }
-    baseline_metrics = {
-        name: value.metrics if isinstance(value, Scored) else value
-        for name, value in baselines.items()
-    }
-    gates = build_gates(model.metrics, baseline_metrics, previous, config)
+            out = evaluate_beam(
+                model_dir,
+                examples_dir,
+                None,
+                config.evaluation_runner,
+                list(config.evaluation_beam_args),
+            )
+    notes = [out["ease_note"], *cold_start_note(*out["cold"]), *notes]
+    previous = None
+    if out["previous"] is not None:
+        previous = {
+            "version": int(storage.basename(previous_model_path)),
+            "path": previous_model_path,
+            "metrics": out["previous"],
+        }
+    gates = build_gates(out["model"], out["baselines"], previous, config)
     return EvaluationResult(
-        model.metrics,
-        baseline_metrics,
+        out["model"],
+        out["baselines"],
         previous,
         gates,
-        {name: scored.curve for name, scored in ranked.items()},
-        sliced_tables({name: scored.top for name, scored in ranked.items()}, train, test),
+        out["curves"],
+        out["slices"],
         notes,
         dict(SEED_REFERENCE) if stats.get("layout", ML_100K.name) == ML_100K.name else None,
     )

@@ -109,7 +109,7 @@ def hit_rate_curve(
     return np.cumsum(counts) / n
 
 
-def _per_user_topk(
+def per_user_topk(
     top_ids: np.ndarray,
     users: np.ndarray,
     movies: np.ndarray,
@@ -154,7 +154,7 @@ def recall_at_k(
     Per-user averaging, unlike `hit_rate_curve`, so heavy raters do not dominate. Returns 0.0 when
     no user has a relevant movie.
     """
-    n_rel, hits, _ = _per_user_topk(top_ids, users, movies, stars, k, min_stars)
+    n_rel, hits, _ = per_user_topk(top_ids, users, movies, stars, k, min_stars)
     if n_rel.size == 0:
         return 0.0
     return float(np.mean(hits / n_rel))
@@ -173,7 +173,7 @@ def ndcg_at_k(
     DCG sums 1/log2(r+1) over hits at 1-based rank r; the ideal DCG fills min(k, |relevant|)
     positions. Rewards putting hits near the top, which recall ignores.
     """
-    n_rel, _, dcg = _per_user_topk(top_ids, users, movies, stars, k, min_stars)
+    n_rel, _, dcg = per_user_topk(top_ids, users, movies, stars, k, min_stars)
     if n_rel.size == 0:
         return 0.0
     ideal_table = np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(1, k + 1) + 1.0))])

@@ -1,0 +1,344 @@
+"""The evaluation as a Beam job (the role TFMA plays in TFX): every figure, slice, baseline and
+gate input of the stage, from per-batch sufficient statistics.
+
+Why: the in-process evaluation held every test user's rows and top-k lists in numpy (4 GB at
+25M ratings). Here the train, validation and test rows are read from the examples' TFRecords,
+keyed by user and joined with one CoGroupByKey, so a user's rows meet in one place and are never
+collected in one process; users travel in batches (`beam.BatchElements`) to DoFns
+(`scoring.py`) that yield one dict of sums per batch from `process`; `StatsCombineFn` adds them.
+
+Stages (a fixed number, no chain that grows with the data): 3 reads, 1 CoGroupByKey, 1
+BatchElements; catalogue sums (one global combine: popularity, raters, training mean, cold
+start, and within EASE's item limit its Gram matrix and the bias model's sums), whose derived
+side inputs are computed once; EASE's lambda chosen on validation (one ParDo + combine); the
+scoring ParDo + combine; one write. Above EASE's item limit the bias model needs its sweeps as
+rounds (one ParDo + combine each, `n_sweeps` of them, bounded). Memory per worker: one batch of
+users with their rows plus the catalogue-sized side inputs (items^2 for EASE within its limit)
+and the SavedModel(s); the runner itself holds or spills the grouped rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+
+from components import features as F
+from components.artifacts.examples import SCHEMA, load_stats, split_files
+from components.beam_runners import pipeline_options
+from components.evaluation import metrics as M
+from components.evaluation import statistics as S
+from components.evaluation.baselines import (
+    DEFAULT_ITEM_REG,
+    EASE,
+    EASE_LAMBDAS,
+    EASE_MAX_ITEMS,
+    BiasModel,
+    bias_item_sweeps,
+    choose_by_validation,
+    ease_skip_reason,
+)
+from components.evaluation.scoring import (
+    EaseValidationFn,
+    ScoreBatchFn,
+    bias_sweep_sums,
+    catalogue_sums,
+)
+
+BATCH_USERS = 4096  # users per scoring batch (as score_served_model's batches)
+RESULT_FILE = "evaluation-statistics.json"
+
+
+def parse_example(record: bytes) -> tuple[int, int, float, float]:
+    """(user, movie, rating, stars) of one serialised tf.train.Example of the examples' schema."""
+    from tensorflow.core.example import example_pb2
+
+    feature = example_pb2.Example.FromString(record).features.feature
+    value = {
+        name: (
+            feature[name].int64_list.value[0]
+            if kind == "int"
+            else feature[name].float_list.value[0]
+        )
+        for name, kind in SCHEMA.items()
+        if name in feature
+    }
+    return (
+        int(value[F.USER_ID]),
+        int(value[F.MOVIE_ID]),
+        float(value[F.RATING]),
+        float(value[F.STARS]),
+    )
+
+
+def _read(pipeline, label: str, examples_dir: str, split: str):
+    files = split_files(examples_dir, split)
+    return (
+        pipeline
+        | f"{label}: files" >> beam.Create(files)
+        | f"{label}: read" >> beam.io.ReadAllFromTFRecord()
+        | f"{label}: parse" >> beam.Map(parse_example)
+    )
+
+
+def _read(pipeline, label: str, examples_dir: str, split: str):
+    files = split_files(examples_dir, split)
+    return (
+        pipeline
+        | f"{label}: files" >> beam.Create(files)
+        | f"{label}: read" >> beam.io.ReadAllFromTFRecord()
+        | f"{label}: parse" >> beam.Map(parse_example)
+    )
+
+
+def side_inputs(cat: dict[str, Any], width: int) -> dict[str, Any]:
+    """Catalogue-sized values derived once from the catalogue sums (the scoring's side input)."""
+    counts = np.asarray(cat["item_counts"], dtype=np.int64)
+    test_movies = np.flatnonzero(np.asarray(cat["test_movie_rows"]))
+    train_movies = np.flatnonzero(counts)
+    num_items = int(max(train_movies.max(initial=0), test_movies.max(initial=0))) + 1
+    mean = cat["rating_sum"] / cat["rating_rows"]
+    return {
+        "width": width,
+        "num_items": num_items,
+        "ranking": S.popularity_ranking(list(enumerate(counts.tolist()))),
+        "popularity_bucket": M.popularity_buckets(counts),
+        "raters": np.asarray(cat["raters"], dtype=np.float64),
+        "train_users": int(cat["train_users"]),
+        "candidates": int(train_movies.size),
+        "mean32": float(np.float32(mean)),
+        "mean64": float(mean),
+        "not_candidate": counts[:num_items] == 0,
+        "cold": (int(cat["cold_users"]), int(cat["cold_movies"])),
+    }
+
+
+def fit_ease(cat: dict[str, Any], side: dict[str, Any], has_validation: bool):
+    """(EASE fitted on the summed Gram, or None, why not)."""
+    reason = ease_skip_reason(side["num_items"], EASE_MAX_ITEMS)
+    if reason:
+        return None, reason
+    if not has_validation:
+        return None, "EASE skipped: no validation split to choose its lambda on"
+    n = side["num_items"]
+    return EASE(EASE_LAMBDAS[0]).fit_gram(np.asarray(cat["gram"])[:n, :n]), ""
+
+
+def choose_ease(sums: dict[str, Any], fitted) -> dict[str, Any]:
+    """EASE's lambda chosen on validation hit@10 (as evaluator.fit_ease), its weights, the note."""
+    ease, reason = fitted
+    if ease is None:
+        return {"note": reason, "weights": None}
+    rows = sums.get("rows", 0)
+    scores = {
+        lam: (sums[f"hits/{i}"] / rows if rows else 0.0) for i, lam in enumerate(EASE_LAMBDAS)
+    }
+    chosen = choose_by_validation(scores)
+    grid = ", ".join(f"{lam:g}: {value:.4f}" for lam, value in scores.items())
+    return {
+        "note": f"EASE lambda {chosen:g} chosen on validation hit@10 ({grid})",
+        "weights": ease.weights_for(chosen),
+        "num_items": ease.num_items,
+    }
+
+
+def bias_from_gram(cat: dict[str, Any], sweeps: int) -> dict[str, Any]:
+    mu = cat["rating_sum"] / cat["rating_rows"]
+    counts = np.asarray(cat["item_counts"], dtype=np.float64)
+    residual = np.asarray(cat["item_rating_sum"]) - counts * mu
+    terms = np.asarray(cat["terms_sum"]) - mu * np.asarray(cat["terms_count"])
+    previous, items = bias_item_sweeps(
+        counts, residual, terms, np.asarray(cat["user_gram"]), sweeps
+    )
+    return {"mu": mu, "previous": previous, "items": items}
+
+
+def _bias_rounds(batches, catalogue, width: int, sweeps: int):
+    """The bias model's alternating sweeps as rounds over the batches (catalogues above EASE's
+    limit, where the Gram form does not fit): one ParDo + combine per sweep, `sweeps` in all."""
+    state = catalogue | "bias: start" >> beam.Map(
+        lambda cat: {
+            "mu": cat["rating_sum"] / cat["rating_rows"],
+            "previous": np.zeros(width),
+            "items": np.zeros(width),
+            "counts": np.asarray(cat["item_counts"], dtype=np.float64),
+        }
+    )
+    for sweep in range(sweeps):
+        sums = (
+            batches
+            | f"bias: sweep {sweep}"
+            >> beam.Map(
+                lambda batch, st: bias_sweep_sums(batch, st["items"], st["mu"], width),
+                beam.pvalue.AsSingleton(state),
+            )
+            | f"bias: sum {sweep}" >> beam.CombineGlobally(S.StatsCombineFn())
+        )
+        state = sums | f"bias: movies {sweep}" >> beam.Map(
+            _next_sweep, beam.pvalue.AsSingleton(state)
+        )
+    return state
+
+
+def _next_sweep(sums: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    denom = state["counts"] + DEFAULT_ITEM_REG
+    residual = np.asarray(sums.get("item_residual", np.zeros(denom.size)), dtype=np.float64)
+    items = np.divide(residual, denom, out=np.zeros_like(denom), where=denom > 0)
+    return {**state, "previous": state["items"], "items": items}
+
+
+def build_graph(
+    pipeline,
+    models: dict[str, str],
+    examples_dir: str,
+    settings: dict[str, Any],
+    out_path: str,
+):
+    """Wire the stages (module docstring); writes one JSON line of summed statistics."""
+    stats = load_stats(examples_dir)
+    width = int(stats["vocabulary"]["movies"]) + 1
+    dense = width <= EASE_MAX_ITEMS
+    has_validation = bool(stats["rows"].get(F.VALIDATION_SPLIT))
+    parts = {
+        "train": _read(pipeline, "train", examples_dir, F.TRAIN_SPLIT)
+        | "train: by user" >> beam.Map(lambda row: (row[0], (row[1], row[2]))),
+        "test": _read(pipeline, "test", examples_dir, F.TEST_SPLIT)
+        | "test: by user" >> beam.Map(lambda row: (row[0], (row[1], row[2], row[3]))),
+    }
+    if has_validation:
+        parts["validation"] = _read(
+            pipeline, "validation", examples_dir, F.VALIDATION_SPLIT
+        ) | "validation: by user" >> beam.Map(lambda row: (row[0], (row[1], row[3])))
+    batches = (
+        parts
+        | "join by user" >> beam.CoGroupByKey()
+        | "user rows" >> beam.Map(lambda kv: (kv[0], {k: list(v) for k, v in kv[1].items()}))
+        | "batch users" >> beam.BatchElements(min_batch_size=1, max_batch_size=settings["batch"])
+    )
+    catalogue = (
+        batches
+        | "catalogue: batch sums" >> beam.Map(catalogue_sums, width, dense)
+        | "catalogue: sum" >> beam.CombineGlobally(S.StatsCombineFn())
+    )
+    side = catalogue | "side inputs" >> beam.Map(side_inputs, width)
+    fitted = catalogue | "EASE: fit" >> beam.Map(
+        fit_ease, beam.pvalue.AsSingleton(side), has_validation
+    )
+    ease = (
+        batches
+        | "EASE: validation"
+        >> beam.ParDo(
+            EaseValidationFn(EASE_LAMBDAS, settings["hit_stars"]),
+            beam.pvalue.AsSingleton(fitted),
+            beam.pvalue.AsSingleton(side),
+        )
+        | "EASE: validation sum" >> beam.CombineGlobally(S.StatsCombineFn())
+        | "EASE: choose lambda" >> beam.Map(choose_ease, beam.pvalue.AsSingleton(fitted))
+    )
+    sweeps = BiasModel().n_sweeps
+    if dense:
+        bias = catalogue | "bias: fit" >> beam.Map(bias_from_gram, sweeps)
+    else:
+        bias = _bias_rounds(batches, catalogue, width, sweeps)
+    return (
+        batches
+        | "score"
+        >> beam.ParDo(
+            ScoreBatchFn(models, examples_dir, settings),
+            beam.pvalue.AsSingleton(side),
+            beam.pvalue.AsSingleton(ease),
+            beam.pvalue.AsSingleton(bias),
+        )
+        | "score: sum" >> beam.CombineGlobally(S.StatsCombineFn())
+        | "to json"
+        >> beam.Map(_result_json, beam.pvalue.AsSingleton(side), beam.pvalue.AsSingleton(ease))
+        | "write" >> beam.io.WriteToText(out_path, shard_name_template="")
+    )
+
+
+def _result_json(sums: dict[str, Any], side: dict[str, Any], ease: dict[str, Any]) -> str:
+    return json.dumps(
+        {
+            "sums": {key: np.asarray(value).tolist() for key, value in sums.items()},
+            "candidates": side["candidates"],
+            "cold": list(side["cold"]),
+            "ease_note": ease["note"],
+            "ease": ease["weights"] is not None,
+        }
+    )
+
+
+def evaluate_beam(
+    model_dir: str,
+    examples_dir: str,
+    previous_model_dir: str | None = None,
+    runner: str = "DirectRunner",
+    beam_args: list[str] | None = None,
+    batch: int | None = None,
+) -> dict[str, Any]:
+    """Run the job; returns the figures `evaluator.evaluate` reports: "model", "previous",
+    "baselines", "curves", "slices", "ease_note", "cold" (test rows of unknown users, movies)."""
+    from components.artifacts.saved_model import read_metadata
+
+    stats = load_stats(examples_dir)
+    low, high = stats.get("stars_range", F.DEFAULT_STARS_RANGE)
+    explicit = bool(stats.get("explicit", True))
+    settings = {
+        "batch": batch or BATCH_USERS,
+        "hit_stars": float(high),
+        "relevant_stars": low + 0.75 * (high - low),
+        "explicit": explicit,
+    }
+    models = {"model": model_dir}
+    if previous_model_dir:
+        models["previous"] = previous_model_dir
+    with tempfile.TemporaryDirectory(prefix="mtrec-eval-beam-") as workdir:
+        out_path = os.path.join(workdir, RESULT_FILE)
+        with beam.Pipeline(options=pipeline_options(runner, beam_args)) as pipeline:
+            build_graph(pipeline, models, examples_dir, settings, out_path)
+        with open(out_path, encoding="utf-8") as handle:
+            result = json.loads(handle.read())
+    sums = {k: np.asarray(v) if isinstance(v, list) else v for k, v in result["sums"].items()}
+    per_unit = float(high - low)
+
+    def served(name: str, path: str) -> dict[str, float]:
+        info = read_metadata(path)
+        k = min(S.K, int(info["k"]))
+        metrics = S.topk_figures(sums, f"{name}/", k)
+        metrics["seed_hit@10"] = float(S.hit_curve(sums, f"{name}/seed_", k)[-1])
+        if f"{name}/rated" in sums:
+            metrics.update(S.rating_figures(sums, f"{name}/", per_unit))
+        return metrics
+
+    model = served("model", model_dir)
+    model_k = int(read_metadata(model_dir)["k"])
+    curves = {"model": S.hit_curve(sums, "model/", model_k)}
+    popularity = S.topk_figures(sums, "popularity/", S.K)
+    popularity["seed_hit@10"] = float(S.hit_curve(sums, "popularity/seed_", S.K)[-1])
+    baselines: dict[str, dict[str, float]] = {"popularity": popularity}
+    ranked = ["model", "popularity"]
+    curves["popularity"] = S.hit_curve(sums, "popularity/", S.K)
+    if result["ease"]:
+        baselines["EASE"] = S.topk_figures(sums, "EASE/", S.K)
+        curves["EASE"] = S.hit_curve(sums, "EASE/", S.K)
+        ranked.append("EASE")
+    if explicit:
+        baselines["global mean"] = S.rating_figures(sums, "global mean/", per_unit)
+        baselines["user+item bias"] = S.rating_figures(sums, "user+item bias/", per_unit)
+    model.update(S.beyond_figures(sums, "model/", result["candidates"]))
+    for name in ranked[1:]:
+        baselines[name].update(S.beyond_figures(sums, f"{name}/", result["candidates"]))
+    labels = {S.ACTIVITY_TITLE: tuple(M.bucket_labels()), S.POPULARITY_TITLE: M.POPULARITY_LABELS}
+    return {
+        "model": model,
+        "previous": served("previous", previous_model_dir) if previous_model_dir else None,
+        "baselines": baselines,
+        "curves": curves,
+        "slices": S.sliced_rows(sums, ranked, labels),
+        "ease_note": result["ease_note"],
+        "cold": tuple(result["cold"]),
+    }
