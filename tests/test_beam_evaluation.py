@@ -226,3 +226,21 @@ def test_above_the_item_limit_the_bias_model_is_fitted_in_rounds(
     for name in ("user+item bias", "global mean"):
         for figure, value in expected.baselines[name].items():
             assert got.baselines[name][figure] == pytest.approx(value, abs=1e-6), (name, figure)
+
+
+@pytest.mark.slow
+def test_dask_runner_gives_the_figures_direct_runner_gives(
+    small_examples, small_saved_model, dask_cluster
+):
+    """The same evaluation graph on a dask.distributed cluster (a scheduler and two workers on
+    loopback): every metric, baseline, slice and gate equal to DirectRunner's."""
+    from components.config import GateConfig
+    from components.evaluation.evaluator import evaluate
+
+    examples = small_examples["examples"]
+    direct = evaluate(small_saved_model, examples, GateConfig())
+    on_dask = GateConfig(
+        evaluation_runner="DaskRunner",
+        evaluation_beam_args=(f"--dask_client_address={dask_cluster}",),
+    )
+    assert_same_evaluation(evaluate(small_saved_model, examples, on_dask), direct)

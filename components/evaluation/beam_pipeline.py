@@ -29,7 +29,7 @@ import numpy as np
 
 from components import features as F
 from components.artifacts.examples import SCHEMA, load_stats, split_files
-from components.beam_runners import pipeline_options
+from components.beam_runners import AsRepeatedSingleton, pipeline_options, run_pipeline
 from components.evaluation import metrics as M
 from components.evaluation import statistics as S
 from components.evaluation.baselines import (
@@ -72,16 +72,6 @@ def parse_example(record: bytes) -> tuple[int, int, float, float]:
         int(value[F.MOVIE_ID]),
         float(value[F.RATING]),
         float(value[F.STARS]),
-    )
-
-
-def _read(pipeline, label: str, examples_dir: str, split: str):
-    files = split_files(examples_dir, split)
-    return (
-        pipeline
-        | f"{label}: files" >> beam.Create(files)
-        | f"{label}: read" >> beam.io.ReadAllFromTFRecord()
-        | f"{label}: parse" >> beam.Map(parse_example)
     )
 
 
@@ -174,12 +164,12 @@ def _bias_rounds(batches, catalogue, width: int, sweeps: int):
             | f"bias: sweep {sweep}"
             >> beam.Map(
                 lambda batch, st: bias_sweep_sums(batch, st["items"], st["mu"], width),
-                beam.pvalue.AsSingleton(state),
+                AsRepeatedSingleton(state),
             )
             | f"bias: sum {sweep}" >> beam.CombineGlobally(S.StatsCombineFn())
         )
         state = sums | f"bias: movies {sweep}" >> beam.Map(
-            _next_sweep, beam.pvalue.AsSingleton(state)
+            _next_sweep, AsRepeatedSingleton(state)
         )
     return state
 
@@ -226,18 +216,18 @@ def build_graph(
     )
     side = catalogue | "side inputs" >> beam.Map(side_inputs, width)
     fitted = catalogue | "EASE: fit" >> beam.Map(
-        fit_ease, beam.pvalue.AsSingleton(side), has_validation
+        fit_ease, AsRepeatedSingleton(side), has_validation
     )
     ease = (
         batches
         | "EASE: validation"
         >> beam.ParDo(
             EaseValidationFn(EASE_LAMBDAS, settings["hit_stars"]),
-            beam.pvalue.AsSingleton(fitted),
-            beam.pvalue.AsSingleton(side),
+            AsRepeatedSingleton(fitted),
+            AsRepeatedSingleton(side),
         )
         | "EASE: validation sum" >> beam.CombineGlobally(S.StatsCombineFn())
-        | "EASE: choose lambda" >> beam.Map(choose_ease, beam.pvalue.AsSingleton(fitted))
+        | "EASE: choose lambda" >> beam.Map(choose_ease, AsRepeatedSingleton(fitted))
     )
     sweeps = BiasModel().n_sweeps
     if dense:
@@ -249,14 +239,14 @@ def build_graph(
         | "score"
         >> beam.ParDo(
             ScoreBatchFn(models, examples_dir, settings),
-            beam.pvalue.AsSingleton(side),
-            beam.pvalue.AsSingleton(ease),
-            beam.pvalue.AsSingleton(bias),
+            AsRepeatedSingleton(side),
+            AsRepeatedSingleton(ease),
+            AsRepeatedSingleton(bias),
         )
         | "score: sum" >> beam.CombineGlobally(S.StatsCombineFn())
         | "to json"
-        >> beam.Map(_result_json, beam.pvalue.AsSingleton(side), beam.pvalue.AsSingleton(ease))
-        | "write" >> beam.io.WriteToText(out_path, shard_name_template="")
+        >> beam.Map(_result_json, AsRepeatedSingleton(side), AsRepeatedSingleton(ease))
+        | "write" >> beam.io.WriteToText(out_path, shard_name_template="", num_shards=1)
     )
 
 
@@ -298,7 +288,7 @@ def evaluate_beam(
         models["previous"] = previous_model_dir
     with tempfile.TemporaryDirectory(prefix="mtrec-eval-beam-") as workdir:
         out_path = os.path.join(workdir, RESULT_FILE)
-        with beam.Pipeline(options=pipeline_options(runner, beam_args)) as pipeline:
+        with run_pipeline(pipeline_options(runner, beam_args), workdir) as pipeline:
             build_graph(pipeline, models, examples_dir, settings, out_path)
         with open(out_path, encoding="utf-8") as handle:
             result = json.loads(handle.read())
