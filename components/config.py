@@ -216,12 +216,18 @@ class TrainingConfig(_Section):
     # of every row of every table each step: the step's cost follows the batch, not the
     # vocabularies (components/optimizers.py). For large catalogues (bench/scale.py).
     lazy_embedding_updates: bool = False
-    batch_size: int = 1024
+    batch_size: int = 1024  # per worker: with `workers` N, each step trains on N x batch_size rows
     epochs: int = 8
     shuffle_seed: int = 42
     top_k: int = 10
+    # Training processes under tf.distribute.MultiWorkerMirroredStrategy (synchronous data
+    # parallelism): locally mtrec starts them on loopback with the TF_CONFIG a Kubeflow TFJob
+    # gives its replicas; each trains on its shard of the rows (components/training/distributed.py).
+    workers: int = 1
 
     def validate(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
         if self.embedding_dim <= 0:
             raise ConfigError(f"embedding_dim must be positive, got {self.embedding_dim}")
         if self.epochs <= 0 or self.batch_size <= 0 or self.top_k <= 0:

@@ -18,6 +18,10 @@ class DataError(MtrecError):
     """Input data is missing or malformed."""
 
 
+class TrainingError(MtrecError):
+    """Training could not finish (e.g. a worker of a multi-worker run died)."""
+
+
 class GateError(MtrecError):
     """A stage refused to go on (e.g. export of a model that is not blessed)."""
 

@@ -132,6 +132,16 @@ def upload_file(local: str, remote: str) -> None:
         shutil.copyfile(local, remote)
 
 
+def upload_dir(local: str, target: str, last: str | None = None) -> None:
+    """Every file of a local folder into `target` (any location); `last` (a relative path, e.g.
+    saved_model.pb) is copied after the others, so a reader that waits for it sees a whole
+    folder."""
+    files = local_files(local)
+    ordered = [f for f in files if f != last] + ([last] if last in files else [])
+    for relative in ordered:
+        upload_file(os.path.join(local, relative), join(target, *relative.split(os.sep)))
+
+
 def download_file(remote: str, local: str) -> None:
     fs, inner = filesystem(remote)
     fs.get_file(inner, local)

@@ -168,11 +168,7 @@ def claim_version(model_dir: str, version: int | None = None) -> int:
 
 def _copy_files(source: str, target: str) -> None:
     """Every file of `source` into `target`, `saved_model.pb` last."""
-    files = storage.local_files(source)
-    for relative in [f for f in files if f != SAVED_MODEL_FILE] + [SAVED_MODEL_FILE]:
-        storage.upload_file(
-            os.path.join(source, relative), storage.join(target, *relative.split(os.sep))
-        )
+    storage.upload_dir(source, target, last=SAVED_MODEL_FILE)
 
 
 def _copy_local(source: str, model_dir: str, version: int) -> str:

@@ -62,6 +62,15 @@ def learning_rate_schedule(
     )
 
 
+def _one_per_replica(logs: dict) -> dict:
+    """A step's scalar logs as 1-element vectors under a multi-worker strategy: Keras 3.15
+    reduces them across workers with `strategy.reduce("MEAN", v, axis=0)`, which fails on
+    scalars (tensorflow/tensorflow#72388); over [1]-vectors it is the mean over the workers."""
+    if tf.distribute.get_strategy().num_replicas_in_sync == 1:
+        return logs
+    return {name: ops.reshape(value, [1]) for name, value in logs.items()}
+
+
 class Recommender(keras.Model):
     """Joint retrieval + rating model over integer user and movie ids.
 
@@ -335,6 +344,12 @@ class Recommender(keras.Model):
         self.rmse_metric.update_state(y, ops.clip(y_pred[F.RATING], 0.0, 1.0))
         if self.losses:
             total = total + ops.sum(self.losses)
+        # Under a multi-worker strategy the replicas' gradients are summed (Keras' optimizer
+        # all-reduces with SUM), so each replica's loss is its share, as Keras' own losses scale
+        # themselves; Keras unscales the loss it reports.
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if replicas > 1:
+            total = total / replicas
         return total
 
     def _retrieval_loss(self, movie_ids, y_pred, ratings=None):
@@ -462,6 +477,24 @@ class Recommender(keras.Model):
     @property
     def metrics(self):
         return [self.retrieval_loss_tracker, self.rating_loss_tracker, self.rmse_metric]
+
+    def train_step(self, data):
+        return _one_per_replica(super().train_step(data))
+
+    def test_step(self, data):
+        return _one_per_replica(super().test_step(data))
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Keras 3.15 builds a model under a distribution strategy from its first batch, which
+        it first reduces with `strategy.reduce`; under MultiWorkerMirroredStrategy that fails on
+        a batch of nested (dict) features. This model is built before `fit` (`build_for_ids`)
+        and compiles no loss or metric objects, so only its optimizer is left to build (the
+        retrieval layer is built after `fit`, by `index_candidates`)."""
+        if self._distribute_strategy is None or not self.built:
+            return super()._maybe_symbolic_build(iterator, data_batch)
+        if self.optimizer is not None and not self.optimizer.built:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
 
     # --- inference ---
 

@@ -34,7 +34,14 @@ class _LazyRows:
     def get_config(self) -> dict:
         return super().get_config() | {"row_l2": dict(self.row_l2)}
 
+    # What reached `update_step` per variable path, recorded when the step is traced: under a
+    # multi-worker strategy it shows whether the all-reduce kept the tables' gradients as
+    # IndexedSlices (all-gathered rows) or densified them (distributed.py reports it).
+    gradient_kinds: dict[str, str]
+
     def update_step(self, gradient, variable, learning_rate):
+        kinds = self.__dict__.setdefault("gradient_kinds", {})
+        kinds[variable.path] = type(gradient).__name__
         if not isinstance(gradient, tf.IndexedSlices):
             return super().update_step(gradient, variable, learning_rate)
         index = self._get_variable_index(variable)

@@ -130,31 +130,72 @@ def train_model(
     config: TrainingConfig,
     verbose: int = 0,
     fit_splits: tuple[str, ...] = (F.TRAIN_SPLIT,),
+    strategy: tf.distribute.Strategy | None = None,
 ) -> tuple[Recommender, dict[str, list[float]]]:
     """Fit a model on `fit_splits` (the train split; every split for the final refit); returns
-    it (candidates indexed, ready to retrieve) and its history."""
+    it (candidates indexed, ready to retrieve) and its history.
+
+    Under a multi-worker `strategy` (components/training/distributed.py) each worker builds the
+    same model in the strategy's scope and reads its shard of the rows, `batch_size` rows a
+    step; the epoch is the smallest shard's number of batches, so every worker runs as many
+    steps (a collective all-reduce waits for all)."""
     keras.utils.set_random_seed(config.shuffle_seed)
     log.info(describe_devices())
     config = for_feedback(config, load_stats(examples_dir))
-    model = build_model(examples_dir, config, fit_splits)
-    model.compile(optimizer=make_optimizer(config), steps_per_execution=STEPS_PER_EXECUTION)
+    strategy = strategy or tf.distribute.get_strategy()
+    workers = strategy.num_replicas_in_sync
+    with strategy.scope():
+        model = build_model(examples_dir, config, fit_splits)
+        # Several steps per call run as a tf.while_loop over the distributed iterator, which
+        # fails to compile under MultiWorkerMirroredStrategy (Keras 3.15: an unfed placeholder
+        # in the loop's condition): one step per call there.
+        per_call = STEPS_PER_EXECUTION if workers == 1 else 1
+        model.compile(optimizer=make_optimizer(config), steps_per_execution=per_call)
     rows = load_stats(examples_dir)["rows"]
     fit_rows = sum(rows[split] for split in fit_splits)
-    steps = -(-fit_rows // config.batch_size)
-    train = make_dataset(
-        examples_dir,
-        fit_splits,
-        config.batch_size,
-        shuffle=True,
-        seed=config.shuffle_seed,
-        rows=fit_rows,
-    )
+    steps = -(-(fit_rows // workers) // config.batch_size)
     # Same batch size as training: the in-batch retrieval loss is only comparable at equal size.
-    validation = None
-    if rows.get(F.VALIDATION_SPLIT) and F.VALIDATION_SPLIT not in fit_splits:
-        validation = make_dataset(
-            examples_dir, F.VALIDATION_SPLIT, config.batch_size, rows=rows[F.VALIDATION_SPLIT]
+    validate = bool(rows.get(F.VALIDATION_SPLIT)) and F.VALIDATION_SPLIT not in fit_splits
+    fit_args: dict = {}
+    if workers == 1:
+        train = make_dataset(
+            examples_dir,
+            fit_splits,
+            config.batch_size,
+            shuffle=True,
+            seed=config.shuffle_seed,
+            rows=fit_rows,
         )
+        validation = None
+        if validate:
+            validation = make_dataset(
+                examples_dir, F.VALIDATION_SPLIT, config.batch_size, rows=rows[F.VALIDATION_SPLIT]
+            )
+    else:
+
+        def shard_of(splits, total, shuffle):
+            def dataset_fn(context: tf.distribute.InputContext):
+                return make_dataset(
+                    examples_dir,
+                    splits,
+                    config.batch_size,
+                    shuffle=shuffle,
+                    seed=config.shuffle_seed,
+                    rows=total,
+                    shard=(context.input_pipeline_id, context.num_input_pipelines),
+                    repeat=True,
+                )
+
+            return strategy.distribute_datasets_from_function(dataset_fn)
+
+        train = shard_of(fit_splits, fit_rows, True)
+        fit_args["steps_per_epoch"] = steps
+        validation = None
+        if validate:
+            validation = shard_of(F.VALIDATION_SPLIT, rows[F.VALIDATION_SPLIT], False)
+            fit_args["validation_steps"] = max(
+                1, -(-(rows[F.VALIDATION_SPLIT] // workers) // config.batch_size)
+            )
     started = time.perf_counter()
     history = model.fit(
         train,
@@ -163,6 +204,7 @@ def train_model(
         verbose=verbose,
         callbacks=[_EpochLog(config.epochs, steps)],
         shuffle=False,  # the tf.data pipeline shuffles
+        **fit_args,
     )
     log.info("fit took %.1fs", time.perf_counter() - started)
     model.index_candidates()
@@ -190,13 +232,36 @@ def run_training(
     config: TrainingConfig,
     model_name: str = F.DEFAULT_MODEL_NAME,
     refit_on_all: bool = False,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> dict:
     """Train and write the serving SavedModel into `model_dir` (atomically); returns the
     history. `refit_on_all`: the final fit after blessing, on every split (train, validation
-    and test) with the same settings; the blessing keeps the evaluated model's figures."""
+    and test) with the same settings; the blessing keeps the evaluated model's figures.
+    `config.workers` > 1 without a `strategy`: the run is handed to that many worker processes
+    on this machine (`distributed.train_on_local_workers`); each of them calls this function
+    with its MultiWorkerMirroredStrategy, and every one exports (collectives need all), the
+    chief into `model_dir`, the others into scratch folders the caller discards."""
+    if config.workers > 1 and strategy is None:
+        from components.training.distributed import train_on_local_workers
+
+        return train_on_local_workers(examples_dir, model_dir, config, model_name, refit_on_all)
+    return fit_and_export(examples_dir, model_dir, config, model_name, refit_on_all, strategy)[1]
+
+
+def fit_and_export(
+    examples_dir: str,
+    model_dir: str,
+    config: TrainingConfig,
+    model_name: str = F.DEFAULT_MODEL_NAME,
+    refit_on_all: bool = False,
+    strategy: tf.distribute.Strategy | None = None,
+) -> tuple[Recommender, dict[str, list[float]], float]:
+    """One process's training and export (see `run_training`): the model, its history and the
+    seconds `train_model` took."""
     started = time.perf_counter()
     fit_splits = tuple(s for s in F.SPLITS if _has_rows(examples_dir, s)) if refit_on_all else (F.TRAIN_SPLIT,)
-    model, history = train_model(examples_dir, config, fit_splits=fit_splits)
+    model, history = train_model(examples_dir, config, fit_splits=fit_splits, strategy=strategy)
+    fit_seconds = time.perf_counter() - started
     seen = rated_movies(examples_dir, model.num_users)
     stats = load_stats(examples_dir)
     with atomic_output_dir(model_dir) as staging:
@@ -215,4 +280,4 @@ def run_training(
             },
             model_name,
         )
-    return history
+    return model, history, fit_seconds
