@@ -136,6 +136,7 @@ def run_worker(
         "fit_seconds": round(fit_seconds, 3),
         "seconds": round(time.perf_counter() - started, 3),
         "gradient_kinds": dict(getattr(fitted.optimizer, "gradient_kinds", {})),
+        "embedding_tables": sorted(fitted.row_l2()),
         "final": {name: values[-1] for name, values in history.items()},
     }
     if report_dir:

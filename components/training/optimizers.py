@@ -40,11 +40,11 @@ class _LazyRows:
     gradient_kinds: dict[str, str]
 
     def update_step(self, gradient, variable, learning_rate):
+        index = self._get_variable_index(variable)
         kinds = self.__dict__.setdefault("gradient_kinds", {})
-        kinds[variable.path] = type(gradient).__name__
+        kinds[self._trainable_variables[index].path] = type(gradient).__name__
         if not isinstance(gradient, tf.IndexedSlices):
             return super().update_step(gradient, variable, learning_rate)
-        index = self._get_variable_index(variable)
         table = variable.value if isinstance(variable, keras.Variable) else variable
         rows, position = tf.unique(gradient.indices)
         values = tf.math.unsorted_segment_sum(
