@@ -1,5 +1,6 @@
 """What Beam 2.77's DaskRunner does differently from DirectRunner, each on a ten-element pipeline:
-the reasons behind preprocessing's graph (README, "Other Beam runners"). Run by hand:
+the reasons behind preprocessing's and the evaluation's graphs (README, "Other Beam runners").
+Run by hand:
 
     python bench/dask_limits.py            # a LocalCluster: 2 worker processes, 1 thread each
 
@@ -17,10 +18,12 @@ Two more, behind the evaluation's graph (`components/evaluation/beam_pipeline.py
   output receiver, a list the runner never clears, goes along with the ten values it already
   holds, so the side input sees each value twice (20, not 10). `nested_read_apart`: the same
   read through `beam_runners.read_apart` (a second, empty reader of the main input): 10.
-- `side_input_chain`: three rounds, each a ParDo over the data whose side input is the previous
-  round's result (the bias model's sweeps above EASE's item limit). Each reader evaluates its side
-  input's whole producer again, the previous rounds included, so the source is read
-  2^rounds-fold more often per extra round: ten sweeps do not finish.
+- `chain_of_side_inputs`: `CHAIN_ROUNDS` (env, 3) rounds, each a ParDo over the data whose side
+  input is the previous round's result, combined, then a step that reads the previous result
+  again (the bias model's sweeps above EASE's item limit). Each reader evaluates its side
+  input's whole producer again, the earlier rounds included, so the evaluations of the source
+  double with every round: 2, 6, 14, 30 for 1..4 rounds on one partition (DirectRunner: 1), and
+  (partitions + 1) ** rounds on more; ten sweeps do not finish (README).
 """
 
 import glob
