@@ -21,8 +21,8 @@ task's batches more than once. Above EASE's item limit the graph is refused on D
 Stages (a fixed number, no chain that grows with the data): 3 reads, 1 Flatten + GroupByKey
 (by batch); catalogue sums (one global combine: popularity, raters, training mean, cold
 start, and within EASE's item limit its Gram matrix and the bias model's sums), whose derived
-side inputs are computed once (on DaskRunner, again by each task that reads them); EASE's lambda chosen on validation (one ParDo + combine); the
-scoring ParDo + combine; one write. Above EASE's item limit the bias model needs its sweeps as
+side inputs are computed once (on DaskRunner, again by each task that reads them); EASE's
+lambda chosen on validation (one ParDo + combine); the scoring ParDo + combine; one write. Above EASE's item limit the bias model needs its sweeps as
 rounds (one ParDo + combine each, `n_sweeps` of them, bounded). Memory per worker: one batch of
 users with their rows plus the catalogue-sized side inputs (items^2 for EASE within its limit)
 and the SavedModel(s); the runner itself holds or spills the grouped rows.
