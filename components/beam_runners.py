@@ -73,13 +73,45 @@ def remove_sink_temp_dirs(directory: str) -> None:
             dirs.remove(name)
 
 
+def _nothing(_element) -> tuple:
+    return ()
+
+
+def read_apart(main: beam.PCollection, label: str, transform: beam.PTransform) -> beam.PCollection:
+    """`main | label >> transform` for a transform whose side inputs are computed from `main`
+    (or from what computes it): the same outputs on every runner.
+
+    Why: Beam 2.77's DaskRunner fuses a chain of ParDos with one consumer into that consumer's
+    task, and a reader evaluates its side input inside its own task, by pickling the side input's
+    graph there and submitting it. A ParDo's output receiver is a list the runner never clears
+    (`apply_dofn_to_bundle` returns everything it holds), and it is pickled with its contents:
+    when the reading task has just run a ParDo of `main`'s chain, the side input's graph carries
+    that ParDo with the reader's partition already in its list, so every task of that ParDo in
+    the side input's evaluation returns those elements once more (sums over `main` come out
+    inflated; `bench/dask_limits.py`, `nested_side_input`). Here the transform reads a Flatten of
+    `main` and of a second reader of `main` that emits nothing: `main` then has two consumers,
+    Dask computes it in tasks of its own, and the reading task pickles empty receivers. (Not the
+    Flatten after the transform: DirectRunner's FnApiRunner then leaves bundles unexecuted.)
+    Elsewhere the extra reader costs one pass that emits nothing.
+    """
+    idle = main | f"{label}: second reader" >> beam.FlatMap(_nothing)
+    return (main, idle) | f"{label}: input" >> beam.Flatten() | label >> transform
+
+
+def is_dask(pipeline: beam.Pipeline) -> bool:
+    """Whether the pipeline runs on Beam's DaskRunner."""
+    return type(pipeline.runner).__name__ == "DaskRunner"
+
+
 class AsRepeatedSingleton(beam.pvalue.AsSingleton):
     """`AsSingleton` for a PCollection that holds one value, read as its first element.
 
     Why: Beam 2.77's DaskRunner evaluates a side input's producer again for each reader, and a
-    ParDo's output receiver is not cleared between evaluations in one worker, so a reader of a
-    one-element PCollection (a `CombineGlobally` result) may see several copies of that element;
-    `AsSingleton` then fails with "accessed as a singleton view". The copies are the one value
+    ParDo's output receiver is never cleared and travels with what it holds when the reading
+    task pickles the side input's graph (`read_apart`): a reader whose main input is that same
+    `CombineGlobally` result (or derived from it, as "EASE: fit" reads `side`, computed from its
+    own main input) sees the combined value again in the side input, several copies of it, and
+    `AsSingleton` fails with "accessed as a singleton view". The copies are the one value
     repeated (the evaluation's Dask-vs-Direct test compares every figure), so the first is it.
     On DirectRunner and the portable runners the PCollection has exactly one element anyway.
     """

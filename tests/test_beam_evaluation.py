@@ -244,3 +244,19 @@ def test_dask_runner_gives_the_figures_direct_runner_gives(
         evaluation_beam_args=(f"--dask_client_address={dask_cluster}",),
     )
     assert_same_evaluation(evaluate(small_saved_model, examples, on_dask), direct)
+
+
+def test_above_the_item_limit_dask_runner_is_refused_before_it_runs(
+    monkeypatch, small_examples, small_saved_model
+):
+    """The bias model's sweeps are a chain of side inputs: DaskRunner would recompute each one's
+    producers in every reading task, exponentially in the sweeps (bench/dask_limits.py). The
+    graph is refused while it is built, before any cluster is started or data read."""
+    pytest.importorskip("distributed")
+    from components.evaluation import beam_pipeline
+
+    monkeypatch.setattr(beam_pipeline, "EASE_MAX_ITEMS", 1)
+    with pytest.raises(NotImplementedError, match="does not run on DaskRunner"):
+        beam_pipeline.evaluate_beam(
+            small_saved_model, small_examples["examples"], runner="DaskRunner"
+        )

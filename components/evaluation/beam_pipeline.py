@@ -3,15 +3,26 @@ gate input of the stage, from per-batch sufficient statistics.
 
 Why: the in-process evaluation held every test user's rows and top-k lists in numpy (4 GB at
 25M ratings). Here the train, validation and test rows are read from the examples' TFRecords,
-keyed by user and joined with one CoGroupByKey, so a user's rows meet in one place and are never
-collected in one process; users travel in batches (`beam.BatchElements`) to DoFns
-(`scoring.py`) that yield one dict of sums per batch from `process`; `StatsCombineFn` adds them.
+each tagged with its split and keyed by its user's batch (`user // batch`: a fixed range of user
+ids, so a user's rows of every split meet in one batch and are never collected in one process),
+and joined with one GroupByKey over their Flatten; each batch goes to DoFns (`scoring.py`) that
+yield one dict of sums per batch from `process`; `StatsCombineFn` adds them.
 
-Stages (a fixed number, no chain that grows with the data): 3 reads, 1 CoGroupByKey, 1
-BatchElements; catalogue sums (one global combine: popularity, raters, training mean, cold
+Why keyed batches, not a CoGroupByKey by user and `beam.BatchElements`: BatchElements emits each
+bundle's last batch from `finish_bundle`, which Beam 2.77's DaskRunner drops (the users of those
+batches were lost there: README, "Other Beam runners"); a GroupByKey by batch emits nothing from
+`finish_bundle`, gives the same batches (users and rows sorted) on every runner and run, and is
+one shuffle instead of a shuffle and a batching step. The ParDos that read the batches with side
+inputs computed from the batches (EASE's validation, the scoring, the bias sweeps) read them
+through `beam_runners.read_apart`, without which DaskRunner's side inputs count the reading
+task's batches more than once. Above EASE's item limit the graph is refused on DaskRunner
+(`DASK_ROUNDS`: the sweeps' chain of side inputs would be recomputed exponentially there).
+
+Stages (a fixed number, no chain that grows with the data): 3 reads, 1 Flatten + GroupByKey
+(by batch); catalogue sums (one global combine: popularity, raters, training mean, cold
 start, and within EASE's item limit its Gram matrix and the bias model's sums), whose derived
-side inputs are computed once; EASE's lambda chosen on validation (one ParDo + combine); the
-scoring ParDo + combine; one write. Above EASE's item limit the bias model needs its sweeps as
+side inputs are computed once (on DaskRunner, again by each task that reads them); EASE's
+lambda chosen on validation (one ParDo + combine); the scoring ParDo + combine; one write. Above EASE's item limit the bias model needs its sweeps as
 rounds (one ParDo + combine each, `n_sweeps` of them, bounded). Memory per worker: one batch of
 users with their rows plus the catalogue-sized side inputs (items^2 for EASE within its limit)
 and the SavedModel(s); the runner itself holds or spills the grouped rows.
@@ -29,7 +40,13 @@ import numpy as np
 
 from components import features as F
 from components.artifacts.examples import SCHEMA, load_stats, split_files
-from components.beam_runners import AsRepeatedSingleton, pipeline_options, run_pipeline
+from components.beam_runners import (
+    AsRepeatedSingleton,
+    is_dask,
+    pipeline_options,
+    read_apart,
+    run_pipeline,
+)
 from components.evaluation import metrics as M
 from components.evaluation import statistics as S
 from components.evaluation.baselines import (
@@ -51,6 +68,13 @@ from components.evaluation.scoring import (
 
 BATCH_USERS = 4096  # users per scoring batch (as score_served_model's batches)
 RESULT_FILE = "evaluation-statistics.json"
+DASK_ROUNDS = (
+    f"the Beam evaluation of a catalogue above EASE's item limit ({EASE_MAX_ITEMS} movies) does "
+    "not run on DaskRunner: the bias model's sweeps are a chain of side inputs, each computed "
+    "from the one before, and DaskRunner evaluates a side input's whole producer again in every "
+    "task that reads it, so the work grows as (partitions + 1) ** sweeps (README, 'Other Beam "
+    "runners'); run the evaluation on DirectRunner or another runner"
+)
 
 
 def parse_example(record: bytes) -> tuple[int, int, float, float]:
@@ -83,6 +107,32 @@ def _read(pipeline, label: str, examples_dir: str, split: str):
         | f"{label}: read" >> beam.io.ReadAllFromTFRecord()
         | f"{label}: parse" >> beam.Map(parse_example)
     )
+
+
+# What each split's rows carry into the scoring (indices into `parse_example`'s tuple).
+ROW_COLUMNS = {"train": (1, 2), "test": (1, 2, 3), "validation": (1, 3)}
+
+
+def _tag_row(row: tuple, name: str, batch_users: int) -> tuple[int, tuple]:
+    """(batch, (split, user, the split's columns)): users `batch * batch_users` up to
+    `(batch + 1) * batch_users - 1` share a batch (user ids are vocabulary indices, 0 the
+    unknown user), so a user's rows of every split meet in one batch."""
+    return row[0] // batch_users, (name, row[0], tuple(row[i] for i in ROW_COLUMNS[name]))
+
+
+def users_of_batch(rows, names: list[str]) -> list[tuple[int, dict[str, list]]]:
+    """One batch's tagged rows as [(user, {split: [its rows]})], users and each user's rows
+    sorted (the same batch whatever order the runner grouped them in), every split named (an
+    empty list where the user has none): what `scoring.Batch` reads."""
+    users: dict[int, dict[str, list]] = {}
+    for name, user, value in rows:
+        if user not in users:
+            users[user] = {n: [] for n in names}
+        users[user][name].append(value)
+    for groups in users.values():
+        for values in groups.values():
+            values.sort()
+    return sorted(users.items())
 
 
 def side_inputs(cat: dict[str, Any], width: int) -> dict[str, Any]:
@@ -159,15 +209,14 @@ def _bias_rounds(batches, catalogue, width: int, sweeps: int):
         }
     )
     for sweep in range(sweeps):
-        sums = (
-            batches
-            | f"bias: sweep {sweep}"
-            >> beam.Map(
+        sums = read_apart(
+            batches,
+            f"bias: sweep {sweep}",
+            beam.Map(
                 lambda batch, st: bias_sweep_sums(batch, st["items"], st["mu"], width),
                 AsRepeatedSingleton(state),
-            )
-            | f"bias: sum {sweep}" >> beam.CombineGlobally(S.StatsCombineFn())
-        )
+            ),
+        ) | f"bias: sum {sweep}" >> beam.CombineGlobally(S.StatsCombineFn())
         state = sums | f"bias: movies {sweep}" >> beam.Map(
             _next_sweep, AsRepeatedSingleton(state)
         )
@@ -192,22 +241,22 @@ def build_graph(
     stats = load_stats(examples_dir)
     width = int(stats["vocabulary"]["movies"]) + 1
     dense = width <= EASE_MAX_ITEMS
+    if not dense and is_dask(pipeline):
+        raise NotImplementedError(DASK_ROUNDS)
     has_validation = bool(stats["rows"].get(F.VALIDATION_SPLIT))
-    parts = {
-        "train": _read(pipeline, "train", examples_dir, F.TRAIN_SPLIT)
-        | "train: by user" >> beam.Map(lambda row: (row[0], (row[1], row[2]))),
-        "test": _read(pipeline, "test", examples_dir, F.TEST_SPLIT)
-        | "test: by user" >> beam.Map(lambda row: (row[0], (row[1], row[2], row[3]))),
-    }
+    splits = {"train": F.TRAIN_SPLIT, "test": F.TEST_SPLIT}
     if has_validation:
-        parts["validation"] = _read(
-            pipeline, "validation", examples_dir, F.VALIDATION_SPLIT
-        ) | "validation: by user" >> beam.Map(lambda row: (row[0], (row[1], row[3])))
+        splits["validation"] = F.VALIDATION_SPLIT
+    batch_users = settings["batch"]
     batches = (
-        parts
-        | "join by user" >> beam.CoGroupByKey()
-        | "user rows" >> beam.Map(lambda kv: (kv[0], {k: list(v) for k, v in kv[1].items()}))
-        | "batch users" >> beam.BatchElements(min_batch_size=1, max_batch_size=settings["batch"])
+        [
+            _read(pipeline, name, examples_dir, split)
+            | f"{name}: by batch" >> beam.Map(_tag_row, name, batch_users)
+            for name, split in splits.items()
+        ]
+        | "rows" >> beam.Flatten()
+        | "join by batch" >> beam.GroupByKey()
+        | "batch users" >> beam.MapTuple(lambda _, rows: users_of_batch(rows, list(splits)))
     )
     catalogue = (
         batches
@@ -219,12 +268,14 @@ def build_graph(
         fit_ease, AsRepeatedSingleton(side), has_validation
     )
     ease = (
-        batches
-        | "EASE: validation"
-        >> beam.ParDo(
-            EaseValidationFn(EASE_LAMBDAS, settings["hit_stars"]),
-            AsRepeatedSingleton(fitted),
-            AsRepeatedSingleton(side),
+        read_apart(
+            batches,
+            "EASE: validation",
+            beam.ParDo(
+                EaseValidationFn(EASE_LAMBDAS, settings["hit_stars"]),
+                AsRepeatedSingleton(fitted),
+                AsRepeatedSingleton(side),
+            ),
         )
         | "EASE: validation sum" >> beam.CombineGlobally(S.StatsCombineFn())
         | "EASE: choose lambda" >> beam.Map(choose_ease, AsRepeatedSingleton(fitted))
@@ -235,13 +286,15 @@ def build_graph(
     else:
         bias = _bias_rounds(batches, catalogue, width, sweeps)
     return (
-        batches
-        | "score"
-        >> beam.ParDo(
-            ScoreBatchFn(models, examples_dir, settings),
-            AsRepeatedSingleton(side),
-            AsRepeatedSingleton(ease),
-            AsRepeatedSingleton(bias),
+        read_apart(
+            batches,
+            "score",
+            beam.ParDo(
+                ScoreBatchFn(models, examples_dir, settings),
+                AsRepeatedSingleton(side),
+                AsRepeatedSingleton(ease),
+                AsRepeatedSingleton(bias),
+            ),
         )
         | "score: sum" >> beam.CombineGlobally(S.StatsCombineFn())
         | "to json"
