@@ -127,6 +127,20 @@ def ml100k_dir() -> str:
 
 
 @pytest.fixture(scope="session")
+def ml100k_examples(tmp_path_factory, ml100k_dir) -> str:
+    """Ingestion + Beam preprocessing of the real ML-100k, built once for the slow tests."""
+    from components.config import PreprocessingConfig
+    from components.ingestion.ingest import run_ingestion
+    from components.preprocessing.pipeline import run_preprocessing
+
+    root = tmp_path_factory.mktemp("ml100k-artifacts")
+    ratings, movies, examples = (str(root / name) for name in ("ratings", "movies", "examples"))
+    run_ingestion(ml100k_dir, ratings, movies)
+    run_preprocessing(ratings, examples, PreprocessingConfig())
+    return examples
+
+
+@pytest.fixture(scope="session")
 def small_examples(tmp_path_factory, small_data_dir) -> dict[str, str]:
     """Ingestion + Beam preprocessing outputs of the small data set (built once per session)."""
     from components.config import PreprocessingConfig

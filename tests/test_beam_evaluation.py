@@ -145,22 +145,17 @@ def test_the_beam_evaluation_gives_the_in_process_figures(
 
 
 @pytest.mark.slow
-def test_the_beam_evaluation_gives_the_in_process_figures_on_ml100k(tmp_path, ml100k_dir):
+def test_the_beam_evaluation_gives_the_in_process_figures_on_ml100k(tmp_path, ml100k_examples):
     """The real ML-100k (one training epoch: the figures, not the quality, are compared), EASE
     and the bias model included, the previous-model comparison too."""
     import shutil
 
-    from components.config import DEFAULT_TRAINING, GateConfig, PreprocessingConfig
+    from components.config import DEFAULT_TRAINING, GateConfig
     from components.evaluation.evaluator import evaluate
     from components.evaluation.reference import evaluate_in_process
-    from components.ingestion.ingest import run_ingestion
-    from components.preprocessing.pipeline import run_preprocessing
     from components.training.trainer import run_training
 
-    ratings, movies = str(tmp_path / "ratings"), str(tmp_path / "movies")
-    examples, model = str(tmp_path / "examples"), str(tmp_path / "model")
-    run_ingestion(ml100k_dir, ratings, movies)
-    run_preprocessing(ratings, examples, PreprocessingConfig())
+    examples, model = ml100k_examples, str(tmp_path / "model")
     run_training(examples, model, DEFAULT_TRAINING.replace(epochs=1))
     previous = tmp_path / "serving" / "mtrec" / "1"
     shutil.copytree(model, previous)
