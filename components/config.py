@@ -335,7 +335,14 @@ class KubeflowConfig(_Section):
     training_cpu: str = "4"
     training_memory: str = "16G"
     gpu_type: str = "nvidia.com/gpu"
-    gpu_limit: int = 1
+    gpu_limit: int = 1  # per training pod (each TFJob worker with training_workers > 1)
+    # > 1: the training task launches a TFJob (Kubeflow Training Operator) of this many
+    # Worker replicas (pipeline/tfjob.py) instead of training in its own pod.
+    training_workers: int = 1
+    # Shared storage the TFJob's workers and the launching task all reach (s3://, gs://, or a
+    # path under a --pvc mount that is ReadWriteMany): examples in, the chief's model out.
+    training_staging: str = ""
+    tfjob_timeout_seconds: int = 24 * 3600
 
     def validate(self) -> None:
         for pvc in self.pvcs:
@@ -347,6 +354,17 @@ class KubeflowConfig(_Section):
                 raise ConfigError(f"secret must be NAME or NAME=KEY,KEY, got {secret!r}")
         if self.retries < 0 or self.gpu_limit < 0:
             raise ConfigError("retries and gpu_limit must be >= 0")
+        if self.training_workers < 1:
+            raise ConfigError(f"training_workers must be >= 1, got {self.training_workers}")
+        if self.training_workers > 1:
+            staging = self.training_staging
+            on_pvc = any(staging.startswith(path.rstrip("/") + "/") for _, path in self.volume_mounts())
+            if not (staging.startswith(("s3://", "gs://")) or on_pvc):
+                raise ConfigError(
+                    "training_workers > 1 needs training_staging: an s3:// or gs:// URI, or a "
+                    "path under a --pvc mount, that the TFJob's workers share "
+                    f"(got {staging!r})"
+                )
 
     def volume_mounts(self) -> list[tuple[str, str]]:
         return [tuple(p.split("=", 1)) for p in self.pvcs]  # type: ignore[misc]

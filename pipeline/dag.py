@@ -29,6 +29,7 @@ from pipeline.tasks import (
     preprocessing_op,
     push_op,
     training_op,
+    training_tfjob_op,
 )
 
 PIPELINE_NAME = "mtrec"
@@ -70,7 +71,31 @@ def create_pipeline(settings: KubeflowConfig | None = None):
 
     ingestion = component(ingestion_op)
     preprocessing = component(preprocessing_op)
-    training = component(training_op)
+    if settings.training_workers > 1:
+        from pipeline.tfjob import tfjob_manifest
+
+        manifest = tfjob_manifest(settings)
+        tfjob_training = component(training_tfjob_op)
+
+        def training(**kwargs):
+            """The launching task: small, no GPU (the TFJob's workers have them)."""
+            task = tfjob_training(
+                **kwargs,
+                tfjob=manifest,
+                staging=settings.training_staging,
+                task_id=dsl.PIPELINE_TASK_ID_PLACEHOLDER,
+            )
+            return _storage_task(task, settings)
+
+    else:
+        training = component(training_op)
+
+    def limit_training(task: dsl.PipelineTask, gpu: bool = True) -> None:
+        if settings.training_workers > 1:
+            return
+        task.set_cpu_limit(settings.training_cpu).set_memory_limit(settings.training_memory)
+        if gpu and settings.gpu_limit:
+            task.set_accelerator_type(settings.gpu_type).set_accelerator_limit(settings.gpu_limit)
     evaluation = component(evaluation_op)
     infra_validation = component(infra_validation_op)
     push = component(push_op)
@@ -101,9 +126,7 @@ def create_pipeline(settings: KubeflowConfig | None = None):
             training_config=training_config,
             model_name=model_name,
         ).set_display_name("training")
-        train.set_cpu_limit(settings.training_cpu).set_memory_limit(settings.training_memory)
-        if settings.gpu_limit:
-            train.set_accelerator_type(settings.gpu_type).set_accelerator_limit(settings.gpu_limit)
+        limit_training(train)
         evaluate = evaluation(
             model=train.outputs["model"],
             examples=prepare.outputs["examples"],
@@ -140,9 +163,7 @@ def create_pipeline(settings: KubeflowConfig | None = None):
                     model_name=model_name,
                     refit_on_all=True,
                 ).set_display_name("refit")
-                refit.set_cpu_limit(settings.training_cpu).set_memory_limit(
-                    settings.training_memory
-                )
+                limit_training(refit, gpu=False)
                 tasks.append(refit)
                 validate_and_push(refit.outputs["model"])
         if not settings.enable_caching:

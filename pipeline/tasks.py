@@ -76,6 +76,53 @@ def training_op(
         model.metadata.update({"framework": "tensorflow", "format": "SavedModel"})
 
 
+def training_tfjob_op(
+    examples: Input[Dataset],
+    training_config: dict,
+    model_name: str,
+    tfjob: dict,
+    staging: str,
+    task_id: str,
+    model: Output[Model],
+    training_metrics: Output[Metrics],
+    refit_on_all: bool = False,
+):
+    """Train on several workers: a TFJob (Kubeflow Training Operator) built at compile time
+    (pipeline/tfjob.py) runs MultiWorkerMirroredStrategy; the examples go to shared staging,
+    the chief's SavedModel comes back as the Model artifact, the staging is removed."""
+    import shutil
+
+    from components import storage
+    from components.artifacts.saved_model import read_history
+    from components.errors import exit_on_error
+    from pipeline.tfjob import fill_manifest, job_name, run_tfjob
+
+    with exit_on_error():
+        name = job_name(task_id, refit_on_all)
+        root = storage.join(staging, name)
+        try:
+            storage.upload_dir(examples.path, storage.join(root, "examples"))
+            job = fill_manifest(
+                tfjob,
+                name,
+                storage.join(root, "examples"),
+                storage.join(root, "model"),
+                training_config,
+                model_name,
+                refit_on_all,
+            )
+            run_tfjob(job, timeout=int(job["spec"]["runPolicy"]["activeDeadlineSeconds"]))
+            shutil.rmtree(model.path, ignore_errors=True)
+            storage.download_dir(storage.join(root, "model"), model.path)
+        finally:
+            storage.remove(root)
+        for metric, values in read_history(model.path).items():
+            training_metrics.log_metric(f"final_{metric}", values[-1])
+        model.metadata.update(
+            {"framework": "tensorflow", "format": "SavedModel", "tfjob": name}
+        )
+
+
 def evaluation_op(
     model: Input[Model],
     examples: Input[Dataset],
