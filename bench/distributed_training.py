@@ -112,7 +112,7 @@ def measure_allreduce(examples: str, train_args: list[str], steps: int) -> dict:
             [sys.executable, __file__, "--examples", examples, "--allreduce-worker",
              os.path.join(work, f"{index}.json"), "--allreduce-steps", str(steps),
              "--train-args", " ".join(train_args)],
-            env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, f"{index}.log"), "w")))  # fmt: skip
+            env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, f"{index}.log"), "w")))  # noqa: SIM115  # fmt: skip
     if any(p.wait() for p in processes):
         raise SystemExit(f"the all-reduce measurement failed: see {work}")
     with open(os.path.join(work, "0.json")) as handle:
