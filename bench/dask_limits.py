@@ -114,7 +114,9 @@ def run(directory: str, runner: str, beam_args: list[str], final_flatten: bool) 
         apart = xs | "SameApart" >> beam.Map(lambda x: x)
         side_apart = beam.pvalue.AsList(apart | "SameApartCopy" >> beam.Map(lambda x: x))
         written.append(
-            sink("nested_read_apart", read_apart(apart, "Apart", beam.Map(_len_of_side, side_apart)))
+            sink(
+                "nested_read_apart", read_apart(apart, "Apart", beam.Map(_len_of_side, side_apart))
+            )
         )
         counted = xs | "Counted" >> beam.Map(_touch, chain_marks)
         level = p | "Seed" >> beam.Create([0])

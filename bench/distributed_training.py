@@ -67,7 +67,9 @@ def allreduce_worker(examples: str, train_args: list[str], steps: int, report: s
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     with strategy.scope():
         model = build_model(examples, config)
-    tables = {layer.embeddings.path for layer in model._flatten_layers() if hasattr(layer, "embeddings")}
+    tables = {
+        layer.embeddings.path for layer in model._flatten_layers() if hasattr(layer, "embeddings")
+    }
     batch = config.batch_size
 
     def gradients():
@@ -94,7 +96,11 @@ def allreduce_worker(examples: str, train_args: list[str], steps: int, report: s
     for _ in range(steps):
         step()
     seconds = (time.perf_counter() - started) / steps
-    dense = sum(v.numpy().nbytes for v in model.trainable_variables if v.path not in tables or not config.lazy_embedding_updates)
+    dense = sum(
+        v.numpy().nbytes
+        for v in model.trainable_variables
+        if v.path not in tables or not config.lazy_embedding_updates
+    )
     with open(report, "w") as handle:
         json.dump({"seconds_per_step": seconds, "dense_bytes": dense}, handle)
 
@@ -143,7 +149,9 @@ def main() -> None:
         }
     reduce = measure_allreduce(args.examples, train_args, args.allreduce_steps)
     print(f"train rows x epochs: {rows}; settings: {args.train_args!r}; medians of {args.runs}")
-    print("| workers | process s | fit s | steps/worker | examples/s total | examples/s per worker | all-reduce share |")
+    print(
+        "| workers | process s | fit s | steps/worker | examples/s total | examples/s per worker | all-reduce share |"
+    )
     print("|---|---|---|---|---|---|---|")
     for workers, r in results.items():
         share = "-" if workers == 1 else f"{reduce['seconds_per_step'] * r['steps'] / r['fit']:.0%}"
@@ -159,7 +167,9 @@ def main() -> None:
         print("|---|---|---|")
         for n in (1, 2, 4, 8, 16, 32):
             allreduce = 0.0 if n == 1 else reduce["seconds_per_step"] * 2 * (n - 1) / n
-            print(f"| {n} | {(compute + allreduce) * 1e3:.2f} | {n * compute / (compute + allreduce):.1f}x |")
+            print(
+                f"| {n} | {(compute + allreduce) * 1e3:.2f} | {n * compute / (compute + allreduce):.1f}x |"
+            )
 
 
 if __name__ == "__main__":

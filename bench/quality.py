@@ -93,7 +93,10 @@ def load_splits(data_dir: str, work_dir: str, examples_dir: str = "") -> tuple[S
     # As the pipeline's evaluation does: test users outside the training vocabulary (index 0,
     # cold start) are left out of the top-k metrics (a temporal split has many).
     known = test.users > 0
-    test = Split(*(getattr(test, n)[known] for n in ("users", "movies", "ratings", "stars")), test.stars_range)
+    test = Split(
+        *(getattr(test, n)[known] for n in ("users", "movies", "ratings", "stars")),
+        test.stars_range,
+    )
     return train, test, int(stats["vocabulary"]["movies"]) + 1
 
 

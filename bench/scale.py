@@ -87,15 +87,20 @@ def generate(directory: str, rows: int, seed: int = 0) -> str:
                 "\n".join(
                     f"{u},{m},{s:.1f},{t}"
                     for u, m, s, t in zip(
-                        user_of_row[start:stop].tolist(), movie_of_row[start:stop].tolist(),
-                        stars[start:stop].tolist(), times[start:stop].tolist(), strict=True,
+                        user_of_row[start:stop].tolist(),
+                        movie_of_row[start:stop].tolist(),
+                        stars[start:stop].tolist(),
+                        times[start:stop].tolist(),
+                        strict=True,
                     )
                 )  # fmt: skip
                 + "\n"
             )
     with open(os.path.join(directory, "movies.csv"), "w", encoding="utf-8") as out:
         out.write("movieId,title,genres\n")
-        out.writelines(f'{m},"Movie {m}, The (19{m % 100:02d})",Drama\n' for m in range(1, movies + 1))
+        out.writelines(
+            f'{m},"Movie {m}, The (19{m % 100:02d})",Drama\n' for m in range(1, movies + 1)
+        )
     return directory
 
 
@@ -126,14 +131,18 @@ def run_stage(args: list[str]) -> tuple[float, float, int]:
 def _fit_line(units: int) -> str:
     """'fit N examples/s on DEVICE; validation losses of the last epoch' from the training
     stage's log (the losses show whether the model learns at this size)."""
-    fit = next((re.search(r"fit took ([0-9.]+)s", line) for line in LAST_LOG if "fit took" in line), None)
+    fit = next(
+        (re.search(r"fit took ([0-9.]+)s", line) for line in LAST_LOG if "fit took" in line), None
+    )
     device = next((line.split(": ", 2)[-1] for line in LAST_LOG if "training on" in line), "?")
     if not fit:
         return ""
     epochs = [line for line in LAST_LOG if re.search(r"epoch [0-9]+/[0-9]+ \(", line)]
     losses = dict(re.findall(r"(val_[a-z_]+)=([0-9.]+)", epochs[-1])) if epochs else {}
     shown = ", ".join(f"{k} {float(v):.4f}" for k, v in losses.items() if k != "val_loss")
-    return f"fit {units / float(fit[1]):,.0f} examples/s ({device})" + (f"; {shown}" if shown else "")
+    return f"fit {units / float(fit[1]):,.0f} examples/s ({device})" + (
+        f"; {shown}" if shown else ""
+    )
 
 
 def bench(
@@ -148,7 +157,10 @@ def bench(
         started = time.perf_counter()
         generate(data, rows)
         print(f"generated {rows:,} rows in {time.perf_counter() - started:.0f}s", file=sys.stderr)
-    a = {n: os.path.join(work, f"{n}-{rows}") for n in ("r", "m", "e", "model", "eval", "infra", "serving")}
+    a = {
+        n: os.path.join(work, f"{n}-{rows}")
+        for n in ("r", "m", "e", "model", "eval", "infra", "serving")
+    }
     stages = [
         ("ingest", ["ingest", "--data-dir", data, "--ratings-output", a["r"], "--movies-output", a["m"]], rows),
         ("preprocess", ["preprocess", "--ratings", a["r"], "--output", a["e"]], rows),

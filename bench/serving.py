@@ -271,4 +271,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

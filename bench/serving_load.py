@@ -334,4 +334,3 @@ def start_server(args: argparse.Namespace, base: str) -> tuple[subprocess.Popen,
     )
     line = wait_for_start(process)
     return process, port_of(line), int(re.search(r"(\d+) handler threads", line)[1])
-

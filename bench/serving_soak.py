@@ -167,4 +167,3 @@ def soak(args: argparse.Namespace, base: str) -> None:
             process.wait(timeout=30)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-

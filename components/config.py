@@ -358,7 +358,9 @@ class KubeflowConfig(_Section):
             raise ConfigError(f"training_workers must be >= 1, got {self.training_workers}")
         if self.training_workers > 1:
             staging = self.training_staging
-            on_pvc = any(staging.startswith(path.rstrip("/") + "/") for _, path in self.volume_mounts())
+            on_pvc = any(
+                staging.startswith(path.rstrip("/") + "/") for _, path in self.volume_mounts()
+            )
             if not (staging.startswith(("s3://", "gs://")) or on_pvc):
                 raise ConfigError(
                     "training_workers > 1 needs training_staging: an s3:// or gs:// URI, or a "

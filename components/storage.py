@@ -53,7 +53,11 @@ def listdir(path: str) -> list[str]:
     """Names of the entries directly under `path` (empty when it does not exist)."""
     fs, inner = filesystem(path)
     try:
-        entries = fs.ls(inner, detail=False, refresh=True) if is_remote(path) else fs.ls(inner, detail=False)
+        entries = (
+            fs.ls(inner, detail=False, refresh=True)
+            if is_remote(path)
+            else fs.ls(inner, detail=False)
+        )
     except (FileNotFoundError, NotADirectoryError):
         return []
     return sorted({basename(entry) for entry in entries if basename(entry)})

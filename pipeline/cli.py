@@ -350,7 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("schedule", cmd_schedule, "create a recurring run on Kubeflow Pipelines"),
     ):
         sub = commands.add_parser(name, help=text)
-        sub.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
+        sub.add_argument(
+            "--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080"
+        )
         sub.add_argument("--experiment", default="mtrec")
         sub.add_argument("--namespace")
         sub.add_argument("--pipeline-root", help="artifact store of the run, e.g. s3://bucket/root")
@@ -400,7 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True, help="training output (a SavedModel)")
     ev.add_argument("--examples", required=True)
     ev.add_argument("--output", required=True, help="folder for metrics, blessing and report")
-    ev.add_argument("--serving-model-dir", help="push location holding the previously blessed model")
+    ev.add_argument(
+        "--serving-model-dir", help="push location holding the previously blessed model"
+    )
     ev.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
     ev.add_argument(
         "--beam-args",

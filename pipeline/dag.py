@@ -96,6 +96,7 @@ def create_pipeline(settings: KubeflowConfig | None = None):
         task.set_cpu_limit(settings.training_cpu).set_memory_limit(settings.training_memory)
         if gpu and settings.gpu_limit:
             task.set_accelerator_type(settings.gpu_type).set_accelerator_limit(settings.gpu_limit)
+
     evaluation = component(evaluation_op)
     infra_validation = component(infra_validation_op)
     push = component(push_op)

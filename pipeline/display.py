@@ -163,7 +163,9 @@ class StageRouter:
             bar = ""
             detail = ""
             if stage.state == "running" and stage.total:
-                bar = ProgressBar(total=stage.total, completed=min(stage.done, stage.total), width=24)
+                bar = ProgressBar(
+                    total=stage.total, completed=min(stage.done, stage.total), width=24
+                )
                 detail = f"{stage.done:,}/{stage.total:,} {stage.unit}"
             elif stage.state == "running" and stage.done:
                 detail = f"{stage.done:,} {stage.unit}"

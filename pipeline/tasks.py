@@ -118,9 +118,7 @@ def training_tfjob_op(
             storage.remove(root)
         for metric, values in read_history(model.path).items():
             training_metrics.log_metric(f"final_{metric}", values[-1])
-        model.metadata.update(
-            {"framework": "tensorflow", "format": "SavedModel", "tfjob": name}
-        )
+        model.metadata.update({"framework": "tensorflow", "format": "SavedModel", "tfjob": name})
 
 
 def evaluation_op(
@@ -190,6 +188,4 @@ def push_op(
     with exit_on_error():
         path = push(model.path, blessing.path, infra_blessing.path, serving_model_dir, model_name)
         pushed_model.uri = path
-        pushed_model.metadata.update(
-            {"pushed_destination": path, "version": int(basename(path))}
-        )
+        pushed_model.metadata.update({"pushed_destination": path, "version": int(basename(path))})

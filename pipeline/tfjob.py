@@ -71,8 +71,14 @@ def tfjob_manifest(settings: KubeflowConfig) -> dict[str, Any]:
         image=settings.image,
         command=["python", "-m", WORKER_MODULE],
         args=[
-            "--examples", EXAMPLES, "--model", MODEL,
-            "--training-config", CONFIG, "--model-name", NAME,
+            "--examples",
+            EXAMPLES,
+            "--model",
+            MODEL,
+            "--training-config",
+            CONFIG,
+            "--model-name",
+            NAME,
         ],  # fmt: skip
         resources=k8s.V1ResourceRequirements(limits=limits, requests=dict(limits)),
         env=env or None,
@@ -84,7 +90,8 @@ def tfjob_manifest(settings: KubeflowConfig) -> dict[str, Any]:
         metadata=k8s.V1ObjectMeta(name="mtrec-training"),
         spec=models.KubeflowOrgV1TFJobSpec(
             run_policy=models.KubeflowOrgV1RunPolicy(
-                clean_pod_policy="Running", backoff_limit=0,
+                clean_pod_policy="Running",
+                backoff_limit=0,
                 active_deadline_seconds=settings.tfjob_timeout_seconds,
             ),  # fmt: skip
             tf_replica_specs={

@@ -381,4 +381,3 @@ class RestServer:
         self.server.should_exit = True
         self._thread.join(timeout=10)
         self.socket.close()
-

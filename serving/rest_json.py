@@ -148,4 +148,3 @@ def json_value(array: np.ndarray):
 
 def json_bytes(payload: Any) -> bytes:
     return json.dumps(payload).encode("utf-8")
-

@@ -39,16 +39,25 @@ def write_movielens(
             movie = int(index) + 1
             affinity = movie_traits[movie] @ user_taste[user]
             raw = 3 + affinity + rng.normal(scale=0.5)
-            stars = float(np.clip(np.round(raw * 2) / 2, 0.5, 5)) if half else int(np.clip(np.round(raw), 1, 5))
+            stars = (
+                float(np.clip(np.round(raw * 2) / 2, 0.5, 5))
+                if half
+                else int(np.clip(np.round(raw), 1, 5))
+            )
             rows.append((user, movie, stars, 874000000 + len(rows)))
-    titles = [f"Movie {m}, The (199{m % 10})" if half else f"Movie {m} (199{m % 10})" for m in range(1, movies + 1)]
+    titles = [
+        f"Movie {m}, The (199{m % 10})" if half else f"Movie {m} (199{m % 10})"
+        for m in range(1, movies + 1)
+    ]
     if layout == "ml-100k":
         with open(os.path.join(directory, "u.data"), "w", encoding="utf-8") as handle:
             handle.writelines(f"{u}\t{m}\t{s}\t{t}\n" for u, m, s, t in rows)
         with open(os.path.join(directory, "u.item"), "w", encoding="latin-1") as handle:
             for movie, title in enumerate(titles, start=1):
                 handle.write(
-                    f"{movie}|{title}|01-Jan-1995||http://example.invalid/{movie}" + "|0" * 19 + "\n"
+                    f"{movie}|{title}|01-Jan-1995||http://example.invalid/{movie}"
+                    + "|0" * 19
+                    + "\n"
                 )
     elif layout == "ml-1m":
         with open(os.path.join(directory, "ratings.dat"), "w", encoding="utf-8") as handle:

@@ -12,7 +12,7 @@ KFP_LINES = [
     "    INFO components.ingestion.movielens: ingested 100 ratings\n",
     "08:00:00.500 - INFO - Task \x1b[96m'ingestion-op'\x1b[0m finished with status \x1b[92mSUCCESS\x1b[0m\n",
     "08:00:00.600 - INFO - Executing task 'training-op'\n",
-    f"    {progress.MARKER} {{\"done\": 5, \"total\": 10, \"unit\": \"steps\"}}\n",
+    f'    {progress.MARKER} {{"done": 5, "total": 10, "unit": "steps"}}\n',
     "    mtrec: error: something the user can fix\n",
     "08:00:01.000 - ERROR - Task 'training-op' finished with status FAILURE\n",
 ]

@@ -29,10 +29,18 @@ def test_cluster_config_is_what_a_tfjob_gives_its_worker_replicas():
         ("{not json", "TF_CONFIG: not a cluster"),
         (json.dumps({"cluster": {"worker": ["a:1"]}}), "TF_CONFIG: not a cluster"),
         (
-            json.dumps({"cluster": {"worker": ["a:1"], "chief": ["c:1"]}, "task": {"type": "chief", "index": 0}}),
+            json.dumps(
+                {
+                    "cluster": {"worker": ["a:1"], "chief": ["c:1"]},
+                    "task": {"type": "chief", "index": 0},
+                }
+            ),
             "Worker replicas only",
         ),
-        (json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}), "index 3"),
+        (
+            json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}),
+            "index 3",
+        ),
     ],
 )
 def test_a_bad_tf_config_is_named(raw, message):
@@ -65,7 +73,9 @@ def two_worker_model(small_examples, tmp_path_factory):
     return path, history
 
 
-def test_two_workers_publish_one_model_with_the_same_signatures(two_worker_model, small_saved_model):
+def test_two_workers_publish_one_model_with_the_same_signatures(
+    two_worker_model, small_saved_model
+):
     from components.artifacts.saved_model import read_metadata
 
     path, history = two_worker_model
@@ -95,7 +105,9 @@ def test_lazy_table_gradients_stay_indexed_slices_across_the_all_reduce(small_ex
     )
     ports = D._free_ports(2)
     addresses = [f"127.0.0.1:{port}" for port in ports]
-    command = D.worker_command(small_examples["examples"], str(tmp_path / "model"), config, "m", False)
+    command = D.worker_command(
+        small_examples["examples"], str(tmp_path / "model"), config, "m", False
+    )
     processes = [
         subprocess.Popen(
             [sys.executable, *command[1:], "--report-dir", str(tmp_path)],

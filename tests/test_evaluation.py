@@ -53,9 +53,13 @@ def test_gates_require_a_margin_over_baselines():
 
 def test_the_ease_gate_needs_a_margin_and_only_when_ease_ran():
     baselines = {**BASELINES, "EASE": {"hit@10": 0.245}}
-    verdicts = _verdicts(build_gates(METRICS, baselines, None, GateConfig(ease_hit_rate_margin=0.01)))
+    verdicts = _verdicts(
+        build_gates(METRICS, baselines, None, GateConfig(ease_hit_rate_margin=0.01))
+    )
     assert verdicts["hit@10 vs EASE"] is False  # 0.25 < 0.245 + 0.01
-    verdicts = _verdicts(build_gates(METRICS, baselines, None, GateConfig(ease_hit_rate_margin=0.0)))
+    verdicts = _verdicts(
+        build_gates(METRICS, baselines, None, GateConfig(ease_hit_rate_margin=0.0))
+    )
     assert verdicts["hit@10 vs EASE"] is True
     assert "hit@10 vs EASE" not in _verdicts(build_gates(METRICS, BASELINES, None, GateConfig()))
 
@@ -134,9 +138,7 @@ def test_the_previous_model_is_scored_by_the_same_code(tmp_path, small_examples,
 
     base = tmp_path / "serving" / "m"
     shutil.copytree(small_saved_model, base / "4")
-    result = evaluate(
-        small_saved_model, small_examples["examples"], GateConfig(), str(base / "4")
-    )
+    result = evaluate(small_saved_model, small_examples["examples"], GateConfig(), str(base / "4"))
     assert result.previous["version"] == 4
     for name in ("hit@10", "rmse"):
         assert result.previous["metrics"][name] == pytest.approx(result.metrics[name], abs=1e-9)

@@ -114,7 +114,9 @@ def test_encodings_are_checked_and_utf8_titles_kept(tmp_path):
     data.mkdir()
     (data / "u.data").write_bytes(b"1\t2\t3\t4\n1\t\xff3\t3\t4\n")
     (data / "u.item").write_text("2|Amélie (2001)|x\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"u.data, line 2: not valid utf-8 \(byte 0xff at column 3\)"):
+    with pytest.raises(
+        DataError, match=r"u.data, line 2: not valid utf-8 \(byte 0xff at column 3\)"
+    ):
         run_ingestion(str(data), str(tmp_path / "r"), str(tmp_path / "m"))
     (data / "u.data").write_text("1\t2\t3\t4\n")
     run_ingestion(str(data), str(tmp_path / "r"), str(tmp_path / "m"))
@@ -195,7 +197,9 @@ def test_wrong_header_and_unknown_folders_are_named(tmp_path):
         run_ingestion(str(data), str(tmp_path / "r"), str(tmp_path / "m"))
     (data / "ratings.csv").write_text("user,item,rating,time\n1,2,3,4\n")
     (data / "movies.csv").write_text("movieId,title,genres\n2,A,B\n")
-    with pytest.raises(DataError, match=r"ratings.csv, line 1: expected the header 'userId,movieId"):
+    with pytest.raises(
+        DataError, match=r"ratings.csv, line 1: expected the header 'userId,movieId"
+    ):
         run_ingestion(str(data), str(tmp_path / "r"), str(tmp_path / "m"))
 
 
@@ -220,6 +224,9 @@ def test_duplicate_ratings_are_counted_and_the_newest_kept(tmp_path):
         (int(t), float(s))
         for split in ("train", "validation", "test")
         if stats["rows"][split]
-        for t, s in zip(*(load_columns(str(tmp_path / "e"), split)[k] for k in ("timestamp", "stars")), strict=True)
+        for t, s in zip(
+            *(load_columns(str(tmp_path / "e"), split)[k] for k in ("timestamp", "stars")),
+            strict=True,
+        )
     )
     assert kept == [(50, 4.0), (60, 2.0), (300, 5.0)]  # user 1's newest; user 2's later line

@@ -72,7 +72,10 @@ def test_duplicate_rows_keep_the_newest(tmp_path):
         ("user_id,item_id,rating\na,x,1\n,y,2\n", r"events.csv, line 3: field user_id is empty"),
         ("user_id,item_id,rating\na,x,nan\n", r"line 2: field rating is not a number"),
         ("user_id,item_id,rating\na,x,1e999\n", r"line 2: field rating is not a finite number"),
-        ("user_id,item_id,rating,timestamp\na,x,1,12.5\n", r"line 2: field timestamp is not an integer"),
+        (
+            "user_id,item_id,rating,timestamp\na,x,1,12.5\n",
+            r"line 2: field timestamp is not an integer",
+        ),
         ('user_id,item_id,rating\n"a\tb",x,1\n', r"line 2: field user_id contains a tab"),
         ("user_id,item_id,rating\na,x\n", r"line 2: expected 3 fields \(the header's\), got 2"),
         ("user,item_id,rating\na,x,1\n", r"no column 'user_id' \(columns: user, item_id, rating\)"),
@@ -121,7 +124,9 @@ def test_string_ids_end_to_end_through_grpc_and_query(tmp_path, capsys):
     from serving.config import ServerConfig
     from serving.server import ModelServer
 
-    events = write_interactions(str(tmp_path / "events.csv"), items_path=str(tmp_path / "items.csv"))
+    events = write_interactions(
+        str(tmp_path / "events.csv"), items_path=str(tmp_path / "items.csv")
+    )
     config = PipelineConfig(
         output_dir=str(tmp_path / "out"),
         ingestion=IngestionConfig(interactions=events, items=str(tmp_path / "items.csv")),
@@ -132,7 +137,9 @@ def test_string_ids_end_to_end_through_grpc_and_query(tmp_path, capsys):
     assert result.blessed and result.model_path
     assert "reference" not in result.metrics  # the seed's ML-100k figures: not for this data
     server = ModelServer(
-        ServerConfig(str(tmp_path / "out" / "serving"), "mtrec", host="127.0.0.1", port=0, rest_port=-1)
+        ServerConfig(
+            str(tmp_path / "out" / "serving"), "mtrec", host="127.0.0.1", port=0, rest_port=-1
+        )
     ).start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
@@ -153,6 +160,8 @@ def test_string_ids_end_to_end_through_grpc_and_query(tmp_path, capsys):
              "--movies", str(tmp_path / "out")]
         )  # fmt: skip
         assert code == 0
-        assert len([line for line in capsys.readouterr().out.splitlines() if "a title" in line]) == 10
+        assert (
+            len([line for line in capsys.readouterr().out.splitlines() if "a title" in line]) == 10
+        )
     finally:
         server.stop(grace=0)

@@ -347,7 +347,9 @@ def test_rating_heads_are_averaged_and_round_trip(tmp_path):
     blocks = [slice(4 * i, 4 * (i + 1)) for i in range(3)]
     # Each head starts as its own Dense(4) / Dense(1) would: Glorot over its own fans, and
     # from different values.
-    assert np.abs(kernel).max() <= np.sqrt(6 / (4 + 4)) and np.abs(out_kernel).max() <= np.sqrt(6 / 5)
+    assert np.abs(kernel).max() <= np.sqrt(6 / (4 + 4)) and np.abs(out_kernel).max() <= np.sqrt(
+        6 / 5
+    )
     assert not np.allclose(kernel[:, blocks[0]], kernel[:, blocks[1]])
     model.user_bias.embeddings.assign(np.arange(4, dtype=np.float32)[:, None] / 10)
     users, movies = tf.constant([1, 2], tf.int32), tf.constant([3, 1], tf.int32)
@@ -359,7 +361,9 @@ def test_rating_heads_are_averaged_and_round_trip(tmp_path):
     biases = (model.user_bias(users)[:, 0] + model.movie_bias(movies)[:, 0]).numpy()
     user, movie = model.user_vector(users), model.movie_vector(movies)
     np.testing.assert_allclose(
-        model._rating(users, movies, user, movie).numpy(), np.mean(heads, axis=0) + biases, atol=1e-6
+        model._rating(users, movies, user, movie).numpy(),
+        np.mean(heads, axis=0) + biases,
+        atol=1e-6,
     )
     model.save_artifact(str(tmp_path))
     loaded = Recommender.load_artifact(str(tmp_path))
@@ -371,7 +375,9 @@ def test_rating_heads_are_averaged_and_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("table", [True, False])
-@pytest.mark.parametrize("extras", [{}, {"rating_product_feature": True, "rating_embedding_dim": 2}])
+@pytest.mark.parametrize(
+    "extras", [{}, {"rating_product_feature": True, "rating_embedding_dim": 2}]
+)
 def test_fused_rating_head_equals_the_heads(table, extras):
     model, *_ = _tiny_model(rating_heads=3, rating_hidden_units=(8,), rerank_pool=3, **extras)
     rng = np.random.default_rng(0)
@@ -413,8 +419,13 @@ def test_ema_swaps_the_weight_average_in_at_the_end_of_fit():
     from components.training.trainer import make_optimizer
 
     config = DEFAULT_TRAINING.replace(
-        embedding_dim=2, ema_momentum=0.9, epochs=2, batch_size=4, rerank_pool=0,
-        retrieval_negatives="in-batch", sampled_negatives=0,
+        embedding_dim=2,
+        ema_momentum=0.9,
+        epochs=2,
+        batch_size=4,
+        rerank_pool=0,
+        retrieval_negatives="in-batch",
+        sampled_negatives=0,
     )
     optimizer = make_optimizer(config)
     assert optimizer.use_ema and optimizer.ema_momentum == pytest.approx(0.9)

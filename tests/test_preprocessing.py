@@ -43,8 +43,7 @@ def test_parse_ratings_sends_malformed_lines_to_dead_letter():
     chunk = (
         "u.data",
         1,
-        b"1\t10\t5\t100\n2\t11\t3\n3\tx\t4\t100\n4\t12\t7\t100\n5\t13\t1\t100\n"
-        b"1_96\t13\t1\t100\n",
+        b"1\t10\t5\t100\n2\t11\t3\n3\tx\t4\t100\n4\t12\t7\t100\n5\t13\t1\t100\n1_96\t13\t1\t100\n",
     )
     with TestPipeline(options=_options()) as p:
         out = p | beam.Create([chunk]) | ParseRatings(ParseSettings(seed=1))
@@ -117,7 +116,8 @@ def test_a_block_with_any_bad_line_takes_the_line_by_line_path(text):
 
 
 @pytest.mark.parametrize(
-    ("n", "test", "validation"), [(100, 0.2, 0.1), (37, 0.5, 0.0), (10, 0.01, 0.3), (500, 0.33, 0.25)]
+    ("n", "test", "validation"),
+    [(100, 0.2, 0.1), (37, 0.5, 0.0), (10, 0.01, 0.3), (500, 0.33, 0.25)],
 )
 def test_split_is_exact_and_follows_the_hash_order(n, test, validation):
     chunks, keys = _chunks(n, size=13)
@@ -134,7 +134,9 @@ def test_split_is_exact_and_follows_the_hash_order(n, test, validation):
             ).tolist()
         ),
     }
-    expected[F.TRAIN_SPLIT] = sorted(set(range(n)) - set(expected[F.TEST_SPLIT]) - set(expected[F.VALIDATION_SPLIT]))
+    expected[F.TRAIN_SPLIT] = sorted(
+        set(range(n)) - set(expected[F.TEST_SPLIT]) - set(expected[F.VALIDATION_SPLIT])
+    )
     with TestPipeline(options=_options()) as p:
         rows = p | beam.Create(chunks)
         split = {"first": rows, "second": rows} | SplitRatings(test, validation)
@@ -159,7 +161,9 @@ def test_split_keys_depend_on_the_seed_and_the_row_not_on_the_chunking():
     keys = split_keys(users, movies, times, seed=42)
     assert keys.dtype == np.uint64 and len(set(keys.tolist())) == 3
     assert not np.array_equal(keys, split_keys(users, movies, times, seed=43))
-    one_at_a_time = [split_keys(users[i : i + 1], movies[i : i + 1], times[i : i + 1], 42)[0] for i in range(3)]
+    one_at_a_time = [
+        split_keys(users[i : i + 1], movies[i : i + 1], times[i : i + 1], 42)[0] for i in range(3)
+    ]
     assert keys.tolist() == one_at_a_time
     swapped = split_keys(movies, users, times, seed=42)
     assert not np.array_equal(keys, swapped)
@@ -270,9 +274,13 @@ def test_temporal_split_holds_out_the_newest_rows(tmp_path):
     ratings = _ratings_dir(tmp_path, lines)
     out = tmp_path / "examples"
     stats = run_preprocessing(
-        ratings, str(out), PreprocessingConfig(split="temporal", test_fraction=0.25, validation_fraction=0.2)
+        ratings,
+        str(out),
+        PreprocessingConfig(split="temporal", test_fraction=0.25, validation_fraction=0.2),
     )
-    assert stats["rows"] == {"test": 5, "validation": 3, "train": 12} and stats["split"] == "temporal"
+    assert (
+        stats["rows"] == {"test": 5, "validation": 3, "train": 12} and stats["split"] == "temporal"
+    )
     newest = [t for _, t in _read_split(out, F.TEST_SPLIT)]
     middle = [t for _, t in _read_split(out, F.VALIDATION_SPLIT)]
     oldest = [t for _, t in _read_split(out, F.TRAIN_SPLIT)]

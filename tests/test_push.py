@@ -55,15 +55,23 @@ def _assert_every_version_is_complete(model_dir: str, source: str) -> list[int]:
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_push_copies_exactly_and_never_overwrites(where, request, tmp_path, small_saved_model, blessings):
-    base = str(tmp_path / "serving") if where == "local" else request.getfixturevalue("s3_bucket") + "/models"
+def test_push_copies_exactly_and_never_overwrites(
+    where, request, tmp_path, small_saved_model, blessings
+):
+    base = (
+        str(tmp_path / "serving")
+        if where == "local"
+        else request.getfixturevalue("s3_bucket") + "/models"
+    )
     first = push(small_saved_model, *blessings, base, "m")
     second = push(small_saved_model, *blessings, base, "m")
     assert [storage.basename(first), storage.basename(second)] == ["1", "2"]
     assert _assert_every_version_is_complete(storage.join(base, "m"), small_saved_model) == [1, 2]
     with pytest.raises(GateError, match="never overwritten"):
         push(small_saved_model, *blessings, base, "m", version=2)
-    assert storage.basename(push(small_saved_model, *blessings, base, "m", version=MAX_VERSION)) == str(MAX_VERSION)
+    assert storage.basename(
+        push(small_saved_model, *blessings, base, "m", version=MAX_VERSION)
+    ) == str(MAX_VERSION)
     assert not [n for n in storage.listdir(storage.join(base, "m")) if n.startswith(".")]
 
 
@@ -89,7 +97,9 @@ def _claim_many(model_dir: str, count: int, queue) -> None:
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_concurrent_claims_get_distinct_versions(where, request, tmp_path):
-    model_dir = str(tmp_path / "m") if where == "local" else request.getfixturevalue("s3_bucket") + "/m"
+    model_dir = (
+        str(tmp_path / "m") if where == "local" else request.getfixturevalue("s3_bucket") + "/m"
+    )
     if where == "local":
         os.makedirs(model_dir)
     context = multiprocessing.get_context("spawn")
@@ -126,7 +136,11 @@ def _push_then_die(after_files: int, args: tuple) -> None:
 def test_a_killed_push_never_yields_a_loadable_partial_version(
     where, request, tmp_path, small_saved_model, blessings
 ):
-    base = str(tmp_path / "serving") if where == "local" else request.getfixturevalue("s3_bucket") + "/models"
+    base = (
+        str(tmp_path / "serving")
+        if where == "local"
+        else request.getfixturevalue("s3_bucket") + "/models"
+    )
     model_dir = storage.join(base, "m")
     files = len(storage.local_files(small_saved_model))
     context = multiprocessing.get_context("spawn")
@@ -149,7 +163,11 @@ def test_a_killed_push_never_yields_a_loadable_partial_version(
     )
     leftovers = [n for n in storage.listdir(model_dir) if n.startswith((CLAIM_PREFIX, ".staging"))]
     assert leftovers == []
-    partial = [n for n in storage.listdir(model_dir) if n.isdigit() and int(n) not in list_versions(model_dir)]
+    partial = [
+        n
+        for n in storage.listdir(model_dir)
+        if n.isdigit() and int(n) not in list_versions(model_dir)
+    ]
     assert partial == []
 
 
@@ -166,5 +184,8 @@ def test_a_live_push_is_not_cleaned(tmp_path):
     # Same host, a pid that no longer exists: a leftover.
     with open(os.path.join(model_dir, f"{CLAIM_PREFIX}{version}"), "w") as handle:
         json.dump({"host": os.uname().nodename, "pid": 2**22 + 12345, "time": time.time()}, handle)
-    assert set(clean_leftovers(model_dir)) == {f"{CLAIM_PREFIX}{version}", f".staging-{version}-abc"}
+    assert set(clean_leftovers(model_dir)) == {
+        f"{CLAIM_PREFIX}{version}",
+        f".staging-{version}-abc",
+    }
     assert SAVED_MODEL_FILE not in os.listdir(model_dir)

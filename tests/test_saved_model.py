@@ -78,7 +78,9 @@ def test_signatures_round_trip_equal_the_in_memory_model(exported, small_model, 
     assert (users.numpy() > 0).all()
     out = loaded.signatures[F.SIGNATURE_RETRIEVE](user_id=tf.constant(raw_users))
     scores, ids = small_model.recommend(users, seen=all_seen)
-    np.testing.assert_allclose(out[F.OUT_SCORES].numpy(), scores.numpy(), rtol=1e-5, atol=SCORE_ATOL)
+    np.testing.assert_allclose(
+        out[F.OUT_SCORES].numpy(), scores.numpy(), rtol=1e-5, atol=SCORE_ATOL
+    )
     # Ids agree wherever the scores are not tied within the tolerance.
     gaps = np.diff(scores.numpy(), axis=1)
     distinct = np.ones_like(ids.numpy(), dtype=bool)
@@ -116,7 +118,8 @@ def test_served_model_reads_like_a_client(exported, small_model, vocab):
     assert top.shape == (2, 10) and not set(top[0]) & {1, 2, 3}
     ratings = served.predict_rating(np.array([1, 2]), np.array([3, 4]))
     np.testing.assert_allclose(
-        ratings, small_model.predict_rating(tf.constant([1, 2]), tf.constant([3, 4])).numpy(),
+        ratings,
+        small_model.predict_rating(tf.constant([1, 2]), tf.constant([3, 4])).numpy(),
         atol=1e-6,
     )
 

@@ -296,7 +296,10 @@ def test_string_sizes_are_refused_before_decoding(strings, inputs, text):
             "[x (k:0) = ] [0] [y (Const:0) = ] [1]\n\t [[{{node assert}}]]",
             "k must be in 1..100 (got 0)",
         ),
-        ("indices[0] = 9 is not in [0, 3)\n\t [[{{node GatherV2}}]]", "indices[0] = 9 is not in [0, 3)"),
+        (
+            "indices[0] = 9 is not in [0, 3)\n\t [[{{node GatherV2}}]]",
+            "indices[0] = 9 is not in [0, 3)",
+        ),
     ],
 )
 def test_tf_errors_become_one_line_naming_the_values(raw, expected):

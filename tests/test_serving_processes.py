@@ -78,9 +78,11 @@ def predict(channel, label: str = "") -> predict_pb2.PredictResponse:
 
 
 def metric(rest_port: int, name: str) -> float:
-    text = urllib.request.urlopen(
-        f"http://127.0.0.1:{rest_port}/monitoring/prometheus/metrics"
-    ).read().decode()
+    text = (
+        urllib.request.urlopen(f"http://127.0.0.1:{rest_port}/monitoring/prometheus/metrics")
+        .read()
+        .decode()
+    )
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
@@ -156,9 +158,7 @@ def test_grpc_processes_flag_is_checked(export):
 def test_ready_only_once_every_process_has_a_version(export, tmp_path):
     base = tmp_path / "base"
     (base / MODEL).mkdir(parents=True)
-    process, port, rest_port = start(
-        {"serving": str(base)}, "--poll-seconds", "0.2", ready=False
-    )
+    process, port, rest_port = start({"serving": str(base)}, "--poll-seconds", "0.2", ready=False)
     try:
         readyz = f"http://127.0.0.1:{rest_port}/readyz"
         wait_for(lambda: status(readyz) == 503, timeout=180, what="the server to answer 503")

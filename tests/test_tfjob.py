@@ -102,10 +102,15 @@ def test_the_filled_manifest_is_a_tfjob_the_sdk_reads(compiled):
 def test_several_workers_need_shared_staging():
     with pytest.raises(ConfigError, match="training_staging"):
         KubeflowConfig(training_workers=2).validate()
-    KubeflowConfig(training_workers=2, pvcs=("p=/mnt/shared",), training_staging="/mnt/shared/x").validate()
-    assert tfjob_manifest(KubeflowConfig(training_workers=3, training_staging="gs://b/s"))[
-        "spec"
-    ]["tfReplicaSpecs"]["Worker"]["replicas"] == 3
+    KubeflowConfig(
+        training_workers=2, pvcs=("p=/mnt/shared",), training_staging="/mnt/shared/x"
+    ).validate()
+    assert (
+        tfjob_manifest(KubeflowConfig(training_workers=3, training_staging="gs://b/s"))["spec"][
+            "tfReplicaSpecs"
+        ]["Worker"]["replicas"]
+        == 3
+    )
 
 
 def test_cli_compile_training_workers(tmp_path, capsys):

@@ -114,7 +114,10 @@ def encode_examples(columns: dict[str, np.ndarray]) -> list[bytes]:
                 value = floats[name][rows]
             head = _KEYS[name] + b"\x12" + bytes((len(feature) + value.shape[1],)) + feature
             entry = b"\x0a" + bytes((len(head) + value.shape[1],)) + head
-            parts += [np.broadcast_to(np.frombuffer(entry, np.uint8), (len(rows), len(entry))), value]
+            parts += [
+                np.broadcast_to(np.frombuffer(entry, np.uint8), (len(rows), len(entry))),
+                value,
+            ]
             size += len(entry) + value.shape[1]
         prefix = np.frombuffer(b"\x0a" + _varint(size), np.uint8)
         matrix = np.hstack([np.broadcast_to(prefix, (len(rows), len(prefix))), *parts])

@@ -33,8 +33,7 @@ def list_versions(model_dir: str) -> list[int]:
     return sorted(
         int(name)
         for name in names
-        if is_version_name(name)
-        and exists(storage.join(model_dir, name, SAVED_MODEL_FILE))
+        if is_version_name(name) and exists(storage.join(model_dir, name, SAVED_MODEL_FILE))
     )
 
 

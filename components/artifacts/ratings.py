@@ -73,10 +73,11 @@ def staged_outputs(ratings_dir: str, movies_dir: str) -> Iterator[str]:
         storage.atomic_output_dir(movies_dir) as movies_tmp,
     ):
         yield ratings_tmp
-        os.replace(os.path.join(ratings_tmp, F.MOVIES_FILE), os.path.join(movies_tmp, F.MOVIES_FILE))
+        os.replace(
+            os.path.join(ratings_tmp, F.MOVIES_FILE), os.path.join(movies_tmp, F.MOVIES_FILE)
+        )
 
 
 def write_json(path: str, payload: dict) -> None:
     with open(path, "w", encoding="utf-8") as out:
         json.dump(payload, out, indent=2)
-

@@ -184,7 +184,10 @@ def build_export_archive(
             ),
             tf.debugging.Assert(
                 tf.reduce_all(known),
-                ["unknown movie_id (not in the model's vocabulary):", tf.boolean_mask(movie_id, ~known)],
+                [
+                    "unknown movie_id (not in the model's vocabulary):",
+                    tf.boolean_mask(movie_id, ~known),
+                ],
                 summarize=10,
             ),
         ]
@@ -243,6 +246,7 @@ def signatures_of(explicit: bool) -> tuple[str, ...]:
 def warmup_inputs(vocabularies, explicit: bool = True) -> dict[str, dict[str, np.ndarray]]:
     """A small, valid request per signature (TF Serving replays them before serving), in raw
     ids of the vocabularies."""
+
     def first(vocabulary) -> np.ndarray:
         tokens = vocabulary.tokens[np.arange(WARMUP_USERS) % vocabulary.size]
         return np.asarray(tokens).astype(_numpy_dtype(vocabulary.kind))

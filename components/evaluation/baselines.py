@@ -75,7 +75,9 @@ def popularity_top_k(
         return out
 
     # Position of every movie in the global ranking (n_cand for non-candidates).
-    position = np.full(max(int(movies.max(initial=0)), int(ranking.max(initial=0))) + 1, n_cand, dtype=np.int64)
+    position = np.full(
+        max(int(movies.max(initial=0)), int(ranking.max(initial=0))) + 1, n_cand, dtype=np.int64
+    )
     position[ranking] = np.arange(n_cand)
     in_rows = (users >= 0) & (users < num_rows)
     pair_user = users[in_rows]

@@ -217,9 +217,7 @@ def _bias_rounds(batches, catalogue, width: int, sweeps: int):
                 AsRepeatedSingleton(state),
             ),
         ) | f"bias: sum {sweep}" >> beam.CombineGlobally(S.StatsCombineFn())
-        state = sums | f"bias: movies {sweep}" >> beam.Map(
-            _next_sweep, AsRepeatedSingleton(state)
-        )
+        state = sums | f"bias: movies {sweep}" >> beam.Map(_next_sweep, AsRepeatedSingleton(state))
     return state
 
 
@@ -297,8 +295,7 @@ def build_graph(
             ),
         )
         | "score: sum" >> beam.CombineGlobally(S.StatsCombineFn())
-        | "to json"
-        >> beam.Map(_result_json, AsRepeatedSingleton(side), AsRepeatedSingleton(ease))
+        | "to json" >> beam.Map(_result_json, AsRepeatedSingleton(side), AsRepeatedSingleton(ease))
         | "write" >> beam.io.WriteToText(out_path, shard_name_template="", num_shards=1)
     )
 

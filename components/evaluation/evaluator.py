@@ -153,8 +153,12 @@ def topk_metrics(top_ids: np.ndarray, test: Split, k: int = K) -> dict[str, floa
         f"hit@{k}": float(
             M.hit_rate_curve(top_ids, test.users, test.movies, test.stars, test.hit_stars, k)[-1]
         ),
-        f"recall@{k}": M.recall_at_k(top_ids, test.users, test.movies, test.stars, k, test.relevant_stars),
-        f"ndcg@{k}": M.ndcg_at_k(top_ids, test.users, test.movies, test.stars, k, test.relevant_stars),
+        f"recall@{k}": M.recall_at_k(
+            top_ids, test.users, test.movies, test.stars, k, test.relevant_stars
+        ),
+        f"ndcg@{k}": M.ndcg_at_k(
+            top_ids, test.users, test.movies, test.stars, k, test.relevant_stars
+        ),
     }
 
 
@@ -240,18 +244,24 @@ def evaluate_baselines(
     popular_metrics = topk_metrics(popular, test)
     popular_with_seen = popularity_top_k(train.users, train.movies, num_rows, K, exclude_seen=False)
     popular_metrics["seed_hit@10"] = float(
-        M.hit_rate_curve(popular_with_seen, test.users, test.movies, test.stars, test.hit_stars, K)[-1]
+        M.hit_rate_curve(popular_with_seen, test.users, test.movies, test.stars, test.hit_stars, K)[
+            -1
+        ]
     )
     curve = M.hit_rate_curve(popular, test.users, test.movies, test.stars, test.hit_stars, K)
     bias = BiasModel().fit(train.users, train.movies, train.ratings) if explicit else None
-    out: dict[str, Scored | dict[str, float]] = {"popularity": Scored(popular_metrics, popular, curve)}
+    out: dict[str, Scored | dict[str, float]] = {
+        "popularity": Scored(popular_metrics, popular, curve)
+    }
     num_items = int(max(train.movies.max(initial=0), test.movies.max(initial=0))) + 1
     ease, note = fit_ease(train, validation, num_rows, num_items)
     if ease is not None:
         top = ease.top_k(K, validation.users, validation.movies)
         metrics = topk_metrics(top, test)
         out["EASE"] = Scored(
-            metrics, top, M.hit_rate_curve(top, test.users, test.movies, test.stars, test.hit_stars, K)
+            metrics,
+            top,
+            M.hit_rate_curve(top, test.users, test.movies, test.stars, test.hit_stars, K),
         )
     if explicit:
         out["global mean"] = rating_metrics(
@@ -278,7 +288,10 @@ def cold_start_note(users: int, movies: int) -> list[str]:
 
 def concat_splits(*splits: Split) -> Split:
     return Split(
-        *(np.concatenate([getattr(s, name) for s in splits]) for name in ("users", "movies", "ratings", "stars")),
+        *(
+            np.concatenate([getattr(s, name) for s in splits])
+            for name in ("users", "movies", "ratings", "stars")
+        ),
         splits[0].stars_range,
     )
 
@@ -302,7 +315,8 @@ def sliced_tables(
     item_counts = np.bincount(train.movies, minlength=int(test.movies.max(initial=0)) + 1)
     slices = {
         "by user activity (training ratings)": (
-            M.bucket_by_edges(activity[test.users]), M.bucket_labels()
+            M.bucket_by_edges(activity[test.users]),
+            M.bucket_labels(),
         ),
         "by item popularity": (M.popularity_buckets(item_counts)[test.movies], M.POPULARITY_LABELS),
     }

@@ -37,7 +37,6 @@ class Gate:
         }
 
 
-
 def all_passed(gates: list[Gate]) -> bool:
     return all(g.passed for g in gates)
 
@@ -53,7 +52,9 @@ def build_gates(
     hit, rmse = metrics["hit@10"], metrics.get("rmse")
     gates = []
     if rmse is not None:
-        gates.append(Gate("rmse", rmse, config.max_rmse, "<=", "RMSE (normalised) at most max_rmse"))
+        gates.append(
+            Gate("rmse", rmse, config.max_rmse, "<=", "RMSE (normalised) at most max_rmse")
+        )
     gates.append(
         Gate(
             "hit@10", hit, config.min_hit_rate, ">=", "hit@10 (seen excluded) at least min_hit_rate"

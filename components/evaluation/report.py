@@ -154,7 +154,10 @@ def _sections(
     if timings:
         out.append(("Stage timings", _key_values(timings)))
     for name, values in (configuration or {}).items():
-        shown = {k: ",".join(map(str, v)) if isinstance(v, list | tuple) else v for k, v in values.items()}
+        shown = {
+            k: ",".join(map(str, v)) if isinstance(v, list | tuple) else v
+            for k, v in values.items()
+        }
         out.append((f"Configuration: {name}", _key_values(shown)))
     return out
 

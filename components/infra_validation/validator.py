@@ -55,9 +55,7 @@ def run_as_tf_serving(model_dir: str, requests: list) -> list[dict[str, np.ndarr
             if name not in meta_graph.signature_def:
                 raise GateError(f"warmup request for signature {name!r}, which the model lacks")
             signature = meta_graph.signature_def[name]
-            feed = {
-                signature.inputs[key].name: value for key, value in _arrays(request).items()
-            }
+            feed = {signature.inputs[key].name: value for key, value in _arrays(request).items()}
             fetch = {key: info.name for key, info in signature.outputs.items()}
             outputs.append(session.run(fetch, feed))
     return outputs
@@ -96,8 +94,9 @@ def started_server(model_dir: str, model_name: str, workdir: str) -> Iterator[Ca
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 if process.poll() is not None:
-                    raise GateError(f"mtrec serve exited with status {process.returncode}: "
-                                    + _tail(log_path))
+                    raise GateError(
+                        f"mtrec serve exited with status {process.returncode}: " + _tail(log_path)
+                    )
                 with contextlib.suppress(grpc.RpcError):
                     status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
                     if status.status == health_pb2.HealthCheckResponse.SERVING:
@@ -161,7 +160,9 @@ def _compare(signature: str, expected: dict, got: dict) -> None:
         else:
             same = np.allclose(value, other, atol=ATOL, equal_nan=True)
         if not same:
-            raise GateError(f"{signature}: output {key!r} differs between TF1 Session and mtrec serve")
+            raise GateError(
+                f"{signature}: output {key!r} differs between TF1 Session and mtrec serve"
+            )
 
 
 def infra_validate(model_dir: str, model_name: str = F.DEFAULT_MODEL_NAME) -> dict[str, Any]:
@@ -199,7 +200,9 @@ def infra_validate(model_dir: str, model_name: str = F.DEFAULT_MODEL_NAME) -> di
     }
 
 
-def run_infra_validation(model_dir: str, out_dir: str, model_name: str = F.DEFAULT_MODEL_NAME) -> dict:
+def run_infra_validation(
+    model_dir: str, out_dir: str, model_name: str = F.DEFAULT_MODEL_NAME
+) -> dict:
     blessing = infra_validate(model_dir, model_name)
     with (
         atomic_output_dir(out_dir) as staging,

@@ -42,4 +42,3 @@ def run_ingestion(
     for problem in report.problems:
         log.warning("malformed rating row: %s", problem)
     return report
-

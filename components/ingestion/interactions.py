@@ -133,7 +133,11 @@ def _id_text(value, field: str) -> str:
 def _number(value, field: str) -> float:
     if isinstance(value, bool) or value is None:
         raise ValueError(f"field {field} is not a number ({value!r})")
-    if isinstance(value, int | float) or isinstance(value, str) and SIGNED_NUMBER.fullmatch(value.strip()):
+    if (
+        isinstance(value, int | float)
+        or isinstance(value, str)
+        and SIGNED_NUMBER.fullmatch(value.strip())
+    ):
         number = float(value)
     else:
         raise ValueError(f"field {field} is not a number ({value!r})")
@@ -226,7 +230,9 @@ def _write_ratings(config: IngestionConfig, path: str, tmp: str) -> IngestionRep
                     if rating is not None
                     else IMPLICIT_STARS
                 )
-                timestamp = _timestamp(values[stamp], config.timestamp_column) if stamp is not None else 0
+                timestamp = (
+                    _timestamp(values[stamp], config.timestamp_column) if stamp is not None else 0
+                )
             except ValueError as err:
                 raise DataError(f"{source}, line {number}: {err}") from None
             count += 1

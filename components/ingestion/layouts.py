@@ -91,5 +91,6 @@ def detect_layout(data_dir: str) -> Layout:
             missing = files[present.index(False)]
             raise DataError(f"{missing}: not found (the {layout.describe()} layout needs both)")
     expected = "; ".join(layout.describe() for layout in MOVIELENS_LAYOUTS)
-    raise DataError(f"{data_dir}: not a MovieLens folder (expected the files of one of: {expected})")
-
+    raise DataError(
+        f"{data_dir}: not a MovieLens folder (expected the files of one of: {expected})"
+    )

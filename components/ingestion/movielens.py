@@ -158,4 +158,3 @@ def write_movies(entries, path: str, source: str) -> int:
     if not seen:
         raise DataError(f"{source}: the movie catalogue is empty")
     return len(seen)
-

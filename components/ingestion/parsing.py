@@ -168,7 +168,9 @@ def parse_block(
     kinds = id_kinds or {}
     data = text if len(layout.separator) == 1 else text.replace(layout.separator, "\t")
     id_type = {
-        role: pa.int64() if layout.name != INTERACTIONS.name or kinds.get(role) == INT64 else pa.string()
+        role: pa.int64()
+        if layout.name != INTERACTIONS.name or kinds.get(role) == INT64
+        else pa.string()
         for role in ("user", "movie")
     }
     try:
@@ -273,4 +275,3 @@ def numbered_lines(data: bytes, first: int, path: str, encoding: str = "utf-8"):
             ) from None
         if line.strip():
             yield number, line
-

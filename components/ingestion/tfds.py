@@ -90,4 +90,3 @@ def ingest_tfds(
         report = IngestionReport.of(source, layout, check, count)
         write_json(os.path.join(tmp, F.INGESTION_REPORT), report.to_dict())
     return report
-

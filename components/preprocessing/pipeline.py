@@ -122,7 +122,9 @@ def build_pipeline(
         vocabulary_files.append(
             vocabularies
             | f"{role}VocabularyText"
-            >> beam.Map(lambda vocab, attribute=attribute: vocabulary_text(getattr(vocab, attribute)))
+            >> beam.Map(
+                lambda vocab, attribute=attribute: vocabulary_text(getattr(vocab, attribute))
+            )
             | f"Write{role}Vocabulary"
             >> beam.io.WriteToText(
                 os.path.join(out_dir, VOCABULARY_DIR, file_name),
@@ -160,7 +162,9 @@ def build_pipeline(
     summary = ratings | "Stats" >> beam.CombineGlobally(IdStatsFn())
 
     def to_json(counts, stats, vocab, invalid):
-        by_split = {name: counts[name] for name in (F.TRAIN_SPLIT, F.VALIDATION_SPLIT, F.TEST_SPLIT)}
+        by_split = {
+            name: counts[name] for name in (F.TRAIN_SPLIT, F.VALIDATION_SPLIT, F.TEST_SPLIT)
+        }
         rows = sum(int(c[0]) for c in by_split.values()) + invalid
         stats = dict(stats)
         stats.update(

@@ -174,7 +174,11 @@ class SplitRatings(beam.PTransform):
                 yield {name: chunk[name][rows] for name in ("keys", "users", "movies")}
 
         def thresholds_of(parts: list[dict], cuts) -> tuple:
-            keys = np.sort(np.concatenate([p["keys"] for p in parts])) if parts else np.zeros(0, np.uint64)
+            keys = (
+                np.sort(np.concatenate([p["keys"] for p in parts]))
+                if parts
+                else np.zeros(0, np.uint64)
+            )
             out = []
             for bucket, rank in cuts:
                 if bucket < 0:
@@ -205,7 +209,9 @@ class SplitRatings(beam.PTransform):
         def add_boundary_train(counts, parts: list[dict], thresholds):
             counts = (Counter(counts[0]), Counter(counts[1]))  # side values are not ours to change
             if parts:
-                rows = {n: np.concatenate([p[n] for p in parts]) for n in ("keys", "users", "movies")}
+                rows = {
+                    n: np.concatenate([p[n] for p in parts]) for n in ("keys", "users", "movies")
+                }
                 train = assign_splits(rows["keys"], thresholds) == 2
                 VocabularyCountsFn().add_input(counts, _rows(rows, train))
             return counts
@@ -249,12 +255,15 @@ def newest_per_user(chunk: dict[str, np.ndarray], k: int) -> Iterator[tuple[Any,
     ends = np.r_[np.flatnonzero(users[1:] != users[:-1]), len(users) - 1] + 1
     starts = np.r_[0, ends[:-1]]
     for start, end in zip(starts, ends, strict=True):
-        yield users[start].item() if users.dtype != object else users[start], recency[
-            max(start, end - k) : end
-        ]
+        yield (
+            users[start].item() if users.dtype != object else users[start],
+            recency[max(start, end - k) : end],
+        )
 
 
-def last_k_codes(chunk: dict[str, np.ndarray], limits: dict, validation_fraction: float) -> np.ndarray:
+def last_k_codes(
+    chunk: dict[str, np.ndarray], limits: dict, validation_fraction: float
+) -> np.ndarray:
     """Split codes (as `assign_splits`) of a chunk under last-k: a user's k newest ratings
     (recency >= the user's k-th newest) are test; a seeded share of the rest is validation."""
     cut = np.uint64(min(int(validation_fraction * 2.0**64), 2**64 - 1))
@@ -292,4 +301,3 @@ class LastKSplit(beam.PTransform):
             | "CountTrain" >> beam.CombineGlobally(VocabularyCountsFn())
         )
         return {"thresholds": thresholds, "train_counts": train_counts}
-

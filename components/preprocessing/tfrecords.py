@@ -111,7 +111,11 @@ class WriteExamplesFn(beam.DoFn):
                 self._files[split] = (path, FileSystems.create(path))
             records = encode_rows(indexed, rows, self._stars_range)
             self._files[split][1].write(tfrecord_frames(records))
-            counts = [rows.size, int((indexed["users"][rows] == 0).sum()), int((indexed["movies"][rows] == 0).sum())]
+            counts = [
+                rows.size,
+                int((indexed["users"][rows] == 0).sum()),
+                int((indexed["movies"][rows] == 0).sum()),
+            ]
             yield split, self._files[split][0], np.array(counts, dtype=np.int64)
         self._reporter.advance(len(codes))
 
@@ -136,8 +140,9 @@ def finalize_shards(files: list[tuple[str, str]], out_dir: str, split: str) -> i
     return len(paths)
 
 
-
-def finalize_written(written: list[tuple[str, str, np.ndarray]], out_dir: str) -> dict[str, np.ndarray]:
+def finalize_written(
+    written: list[tuple[str, str, np.ndarray]], out_dir: str
+) -> dict[str, np.ndarray]:
     """All of WriteExamplesFn's output at once: every split's files renamed into shards; returns
     per split the summed counts (rows, unknown-user rows, unknown-movie rows)."""
     files = [(split, path) for split, path, _ in written]

@@ -56,7 +56,11 @@ def _read_verdict(folder: str, name: str, what: str) -> dict[str, Any]:
     with open(path, encoding="utf-8") as handle:
         verdict = json.load(handle)
     if verdict.get("blessed") is not True:
-        failed = [g["name"] for g in verdict.get("gates", verdict.get("checks", [])) if not g.get("passed")]
+        failed = [
+            g["name"]
+            for g in verdict.get("gates", verdict.get("checks", []))
+            if not g.get("passed")
+        ]
         raise GateError(f"the model is not {what}-blessed (failed: {', '.join(failed) or '?'})")
     return verdict
 

@@ -1,5 +1,4 @@
-"""The rating head as a recommendation runs it, frozen at index time from the trained weights.
-"""
+"""The rating head as a recommendation runs it, frozen at index time from the trained weights."""
 
 import keras
 import tensorflow as tf
@@ -80,4 +79,3 @@ def _per_user(rows, per_user, repeats: int, combine):
     shape = tf.shape(rows)
     grouped = tf.reshape(rows, tf.concat([[-1, repeats], shape[1:]], axis=0))
     return tf.reshape(combine(grouped, tf.expand_dims(per_user, 1)), shape)
-

@@ -100,4 +100,3 @@ def row_logsumexp(logits):
         return e * (upstream[:, None] / total)
 
     return tf.math.log(total[:, 0]) + top[:, 0], grad
-

@@ -689,4 +689,3 @@ def _load_features(path: str) -> dict[str, np.ndarray]:
         return {}
     with np.load(path) as data:
         return {name: data[name] for name in ("user_features", "movie_features")}
-

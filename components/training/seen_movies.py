@@ -41,4 +41,3 @@ class SeenMovies(tf.Module):
         return tf.RaggedTensor.from_row_splits(
             self.movie_ids.read_value(), self.row_splits.read_value(), validate=False
         )
-

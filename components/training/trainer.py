@@ -214,7 +214,9 @@ def train_model(
 
 def rated_movies(examples_dir: str, num_users: int) -> SeenMovies:
     """Every (user, movie) the pipeline ingested, all splits: what `serving_default` skips."""
-    columns = [load_columns(examples_dir, split) for split in F.SPLITS if _has_rows(examples_dir, split)]
+    columns = [
+        load_columns(examples_dir, split) for split in F.SPLITS if _has_rows(examples_dir, split)
+    ]
     return SeenMovies(
         np.concatenate([c[F.USER_ID] for c in columns]),
         np.concatenate([c[F.MOVIE_ID] for c in columns]),
@@ -259,7 +261,11 @@ def fit_and_export(
     """One process's training and export (see `run_training`): the model, its history and the
     seconds `train_model` took."""
     started = time.perf_counter()
-    fit_splits = tuple(s for s in F.SPLITS if _has_rows(examples_dir, s)) if refit_on_all else (F.TRAIN_SPLIT,)
+    fit_splits = (
+        tuple(s for s in F.SPLITS if _has_rows(examples_dir, s))
+        if refit_on_all
+        else (F.TRAIN_SPLIT,)
+    )
     model, history = train_model(examples_dir, config, fit_splits=fit_splits, strategy=strategy)
     fit_seconds = time.perf_counter() - started
     seen = rated_movies(examples_dir, model.num_users)
