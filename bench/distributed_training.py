@@ -106,9 +106,9 @@ def allreduce_worker(examples: str, train_args: list[str], steps: int, report: s
 
 
 def measure_allreduce(examples: str, train_args: list[str], steps: int) -> dict:
-    from components.training.distributed import _free_ports, cluster_config
+    from components.training.launcher import cluster_config, free_ports
 
-    addresses = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    addresses = [f"127.0.0.1:{p}" for p in free_ports(2)]
     work = tempfile.mkdtemp(prefix="mtrec-bench-allreduce-")
     processes = []
     for index in range(2):

@@ -23,6 +23,7 @@ import re
 from typing import Any
 
 from components.config import KubeflowConfig
+from components.training.launcher import WORKER_MODULE
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ API_VERSION = "kubeflow.org/v1"
 KIND = "TFJob"
 CONTAINER = "tensorflow"  # the container name the operator injects TF_CONFIG into
 REPLICA_TYPE = "Worker"  # worker 0 is the chief (TF's convention without a Chief replica)
-WORKER_MODULE = "components.training.distributed"
+
 # Filled in by the training task (fill_manifest); kept verbatim in the compiled YAML.
 EXAMPLES, MODEL, CONFIG, NAME = "{examples}", "{model}", "{training_config}", "{model_name}"
 POLL_SECONDS = 15

@@ -13,11 +13,12 @@ import pytest
 from components.config import DEFAULT_TRAINING, ConfigError
 from components.errors import TrainingError
 from components.training import distributed as D
+from components.training import launcher as L
 from tests.conftest import SMALL_TRAINING
 
 
 def test_cluster_config_is_what_a_tfjob_gives_its_worker_replicas():
-    config = D.cluster_config(["a:1", "b:2"], 1)
+    config = L.cluster_config(["a:1", "b:2"], 1)
     assert config == {"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}
     assert D.task_from_environment({"TF_CONFIG": json.dumps(config)}) == (1, 2)
 
@@ -51,8 +52,8 @@ def test_a_bad_tf_config_is_named(raw, message):
 
 def test_every_replica_runs_the_same_command():
     config = DEFAULT_TRAINING.replace(workers=3)
-    command = D.worker_command("s3://b/examples", "s3://b/model", config, "movielens", True)
-    assert command[:3] == ["python", "-m", D.WORKER_MODULE]
+    command = L.worker_command("s3://b/examples", "s3://b/model", config, "movielens", True)
+    assert command[:3] == ["python", "-m", L.WORKER_MODULE]
     assert json.loads(command[command.index("--training-config") + 1])["workers"] == 3
     assert command[-1] == "--refit-on-all"
 
@@ -103,15 +104,15 @@ def test_lazy_table_gradients_stay_indexed_slices_across_the_all_reduce(small_ex
     config = DEFAULT_TRAINING.replace(
         **SMALL_TRAINING, workers=2, lazy_embedding_updates=True, ema_momentum=0.0
     )
-    ports = D._free_ports(2)
+    ports = L.free_ports(2)
     addresses = [f"127.0.0.1:{port}" for port in ports]
-    command = D.worker_command(
+    command = L.worker_command(
         small_examples["examples"], str(tmp_path / "model"), config, "m", False
     )
     processes = [
         subprocess.Popen(
             [sys.executable, *command[1:], "--report-dir", str(tmp_path)],
-            env={**os.environ, "TF_CONFIG": json.dumps(D.cluster_config(addresses, index))},
+            env={**os.environ, "TF_CONFIG": json.dumps(L.cluster_config(addresses, index))},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -240,11 +240,11 @@ def run_training(
     history. `refit_on_all`: the final fit after blessing, on every split (train, validation
     and test) with the same settings; the blessing keeps the evaluated model's figures.
     `config.workers` > 1 without a `strategy`: the run is handed to that many worker processes
-    on this machine (`distributed.train_on_local_workers`); each of them calls this function
+    on this machine (`launcher.train_on_local_workers`); each of them calls this function
     with its MultiWorkerMirroredStrategy, and every one exports (collectives need all), the
     chief into `model_dir`, the others into scratch folders the caller discards."""
     if config.workers > 1 and strategy is None:
-        from components.training.distributed import train_on_local_workers
+        from components.training.launcher import train_on_local_workers
 
         return train_on_local_workers(examples_dir, model_dir, config, model_name, refit_on_all)
     return fit_and_export(examples_dir, model_dir, config, model_name, refit_on_all, strategy)[1]
