@@ -74,6 +74,7 @@ def two_worker_model(small_examples, tmp_path_factory):
     return path, history
 
 
+@pytest.mark.slow  # worker processes: the end-to-end tier
 def test_two_workers_publish_one_model_with_the_same_signatures(
     two_worker_model, small_saved_model
 ):
@@ -88,6 +89,7 @@ def test_two_workers_publish_one_model_with_the_same_signatures(
     assert os.listdir(os.path.dirname(path)) == ["model"]
 
 
+@pytest.mark.slow  # worker processes: the end-to-end tier
 def test_the_two_worker_model_passes_infra_validation(two_worker_model):
     from components.infra_validation.validator import infra_validate
 
@@ -95,6 +97,7 @@ def test_the_two_worker_model_passes_infra_validation(two_worker_model):
     assert blessing["blessed"] and blessing["checks"]
 
 
+@pytest.mark.slow  # worker processes: the end-to-end tier
 def test_lazy_table_gradients_stay_indexed_slices_across_the_all_reduce(small_examples, tmp_path):
     """With lazy embedding updates the tables' gradients reach the optimizer of every worker as
     IndexedSlices (all-gathered rows), not densified; the replicas end with equal weights."""
@@ -149,6 +152,7 @@ def _worker_pids(parent: int) -> dict[int, int]:
     return found
 
 
+@pytest.mark.slow  # worker processes: the end-to-end tier
 def test_a_killed_worker_ends_the_run_naming_it_and_publishes_nothing(small_examples, tmp_path):
     from components.training.trainer import run_training
 
