@@ -8,6 +8,7 @@ Beam job does not import TensorFlow, and the reader imports TensorFlow only when
 
 import os
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -255,6 +256,21 @@ def _signature(path: str) -> tuple[int, int]:
 
 
 def _parse_columns(files: list[str], batch_size: int) -> dict[str, np.ndarray]:
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in feature_spec()}
+    for chunk in iter_columns(files, batch_size):
+        for name, values in chunk.items():
+            parts[name].append(values)
+    columns = {
+        name: np.concatenate(values) if values else np.zeros(0) for name, values in parts.items()
+    }
+    columns[F.USER_ID] = columns[F.USER_ID].astype(np.int32)
+    columns[F.MOVIE_ID] = columns[F.MOVIE_ID].astype(np.int32)
+    return columns
+
+
+def iter_columns(files: list[str], batch_size: int = 65_536) -> Iterator[dict[str, np.ndarray]]:
+    """The rows of TFRecord shards as numpy columns, `batch_size` rows at a time (ids as int32,
+    one tf.io.parse_example per chunk): a reader that holds one chunk."""
     import tensorflow as tf
 
     spec = feature_spec()
@@ -263,13 +279,7 @@ def _parse_columns(files: list[str], batch_size: int) -> dict[str, np.ndarray]:
         .batch(batch_size)
         .map(lambda records: tf.io.parse_example(records, spec))
     )
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in spec}
-    for batch in dataset.as_numpy_iterator():
-        for name, values in batch.items():
-            parts[name].append(values)
-    columns = {
-        name: np.concatenate(values) if values else np.zeros(0) for name, values in parts.items()
-    }
-    columns[F.USER_ID] = columns[F.USER_ID].astype(np.int32)
-    columns[F.MOVIE_ID] = columns[F.MOVIE_ID].astype(np.int32)
-    return columns
+    for chunk in dataset.as_numpy_iterator():
+        chunk[F.USER_ID] = chunk[F.USER_ID].astype(np.int32)
+        chunk[F.MOVIE_ID] = chunk[F.MOVIE_ID].astype(np.int32)
+        yield chunk

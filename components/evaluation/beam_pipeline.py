@@ -2,11 +2,12 @@
 gate input of the stage, from per-batch sufficient statistics.
 
 Why: the in-process evaluation held every test user's rows and top-k lists in numpy (4 GB at
-25M ratings). Here the train, validation and test rows are read from the examples' TFRecords,
-each tagged with its split and keyed by its user's batch (`user // batch`: a fixed range of user
-ids, so a user's rows of every split meet in one batch and are never collected in one process),
-and joined with one GroupByKey over their Flatten; each batch goes to DoFns (`scoring.py`) that
-yield one dict of sums per batch from `process`; `StatsCombineFn` adds them.
+25M ratings). Here the train, validation and test rows are read from the examples' TFRecords
+CHUNK_ROWS at a time, each chunk cut into parts by its users' batch (`user // batch`: a fixed
+range of user ids, so a user's rows of every split meet in one batch and are never collected in
+one process; `user_batches.py`), and the parts joined with one GroupByKey over their Flatten;
+each batch goes to DoFns (`scoring.py`) that yield one dict of sums per batch from `process`;
+`StatsCombineFn` adds them.
 
 Why keyed batches, not a CoGroupByKey by user and `beam.BatchElements`: BatchElements emits each
 bundle's last batch from `finish_bundle`, which Beam 2.77's DaskRunner drops (the users of those
@@ -22,10 +23,12 @@ Stages (a fixed number, no chain that grows with the data): 3 reads, 1 Flatten +
 (by batch); catalogue sums (one global combine: popularity, raters, training mean, cold
 start, and within EASE's item limit its Gram matrix and the bias model's sums), whose derived
 side inputs are computed once (on DaskRunner, again by each task that reads them); EASE's
-lambda chosen on validation (one ParDo + combine); the scoring ParDo + combine; one write. Above EASE's item limit the bias model needs its sweeps as
-rounds (one ParDo + combine each, `n_sweeps` of them, bounded). Memory per worker: one batch of
-users with their rows plus the catalogue-sized side inputs (items^2 for EASE within its limit)
-and the SavedModel(s); the runner itself holds or spills the grouped rows.
+lambda chosen on validation (one ParDo + combine); the scoring ParDo + combine; one write.
+Above EASE's item limit the bias model needs its sweeps as rounds (one ParDo + combine each,
+`n_sweeps` of them, bounded). Memory per worker: one batch of users with their rows plus the
+catalogue-sized side inputs (items^2 for EASE within its limit) and the SavedModel(s); the
+runner itself holds or spills the grouped rows (DirectRunner holds them: the parts' arrays,
+10 to 14 bytes a row).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import apache_beam as beam
 import numpy as np
 
 from components import features as F
-from components.artifacts.examples import SCHEMA, load_stats, split_files
+from components.artifacts.examples import load_stats, split_files
 from components.beam_runners import (
     AsRepeatedSingleton,
     is_dask,
@@ -65,6 +68,7 @@ from components.evaluation.scoring import (
     bias_sweep_sums,
     catalogue_sums,
 )
+from components.evaluation.user_batches import assemble, cut_by_batch
 
 BATCH_USERS = 4096  # users per scoring batch (as score_served_model's batches)
 RESULT_FILE = "evaluation-statistics.json"
@@ -77,62 +81,29 @@ DASK_ROUNDS = (
 )
 
 
-def parse_example(record: bytes) -> tuple[int, int, float, float]:
-    """(user, movie, rating, stars) of one serialised tf.train.Example of the examples' schema."""
-    from tensorflow.core.example import example_pb2
-
-    feature = example_pb2.Example.FromString(record).features.feature
-    value = {
-        name: (
-            feature[name].int64_list.value[0]
-            if kind == "int"
-            else feature[name].float_list.value[0]
-        )
-        for name, kind in SCHEMA.items()
-        if name in feature
-    }
-    return (
-        int(value[F.USER_ID]),
-        int(value[F.MOVIE_ID]),
-        float(value[F.RATING]),
-        float(value[F.STARS]),
-    )
+CHUNK_ROWS = 262_144  # rows parsed at a time (tf.io.parse_example), ~4 MB of columns
 
 
-def _read(pipeline, label: str, examples_dir: str, split: str):
-    files = split_files(examples_dir, split)
+class ReadBatchedRowsFn(beam.DoFn):
+    """One TFRecord shard of a split in, its rows out as (batch, (split, columns)) parts
+    (`user_batches.cut_by_batch`), parsed CHUNK_ROWS at a time."""
+
+    def __init__(self, name: str, batch_users: int) -> None:
+        self.name, self.batch_users = name, batch_users
+
+    def process(self, path: str):
+        from components.artifacts.examples import iter_columns
+
+        for chunk in iter_columns([path], CHUNK_ROWS):
+            yield from cut_by_batch(chunk, self.name, self.batch_users)
+
+
+def _read(pipeline, name: str, examples_dir: str, split: str, batch_users: int):
     return (
         pipeline
-        | f"{label}: files" >> beam.Create(files)
-        | f"{label}: read" >> beam.io.ReadAllFromTFRecord()
-        | f"{label}: parse" >> beam.Map(parse_example)
+        | f"{name}: files" >> beam.Create(split_files(examples_dir, split))
+        | f"{name}: read by batch" >> beam.ParDo(ReadBatchedRowsFn(name, batch_users))
     )
-
-
-# What each split's rows carry into the scoring (indices into `parse_example`'s tuple).
-ROW_COLUMNS = {"train": (1, 2), "test": (1, 2, 3), "validation": (1, 3)}
-
-
-def _tag_row(row: tuple, name: str, batch_users: int) -> tuple[int, tuple]:
-    """(batch, (split, user, the split's columns)): users `batch * batch_users` up to
-    `(batch + 1) * batch_users - 1` share a batch (user ids are vocabulary indices, 0 the
-    unknown user), so a user's rows of every split meet in one batch."""
-    return row[0] // batch_users, (name, row[0], tuple(row[i] for i in ROW_COLUMNS[name]))
-
-
-def users_of_batch(rows, names: list[str]) -> list[tuple[int, dict[str, list]]]:
-    """One batch's tagged rows as [(user, {split: [its rows]})], users and each user's rows
-    sorted (the same batch whatever order the runner grouped them in), every split named (an
-    empty list where the user has none): what `scoring.Batch` reads."""
-    users: dict[int, dict[str, list]] = {}
-    for name, user, value in rows:
-        if user not in users:
-            users[user] = {n: [] for n in names}
-        users[user][name].append(value)
-    for groups in users.values():
-        for values in groups.values():
-            values.sort()
-    return sorted(users.items())
 
 
 def side_inputs(cat: dict[str, Any], width: int) -> dict[str, Any]:
@@ -247,14 +218,10 @@ def build_graph(
         splits["validation"] = F.VALIDATION_SPLIT
     batch_users = settings["batch"]
     batches = (
-        [
-            _read(pipeline, name, examples_dir, split)
-            | f"{name}: by batch" >> beam.Map(_tag_row, name, batch_users)
-            for name, split in splits.items()
-        ]
+        [_read(pipeline, name, examples_dir, split, batch_users) for name, split in splits.items()]
         | "rows" >> beam.Flatten()
         | "join by batch" >> beam.GroupByKey()
-        | "batch users" >> beam.MapTuple(lambda _, rows: users_of_batch(rows, list(splits)))
+        | "batch users" >> beam.MapTuple(lambda key, parts: assemble(key, parts, batch_users))
     )
     catalogue = (
         batches

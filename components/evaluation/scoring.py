@@ -1,5 +1,5 @@
-"""The Beam evaluation's DoFns: one batch of users (each with its train, validation and test rows,
-joined by user) in, one dict of sums out (`statistics.py`), yielded from `process`.
+"""The Beam evaluation's DoFns: one batch of users (`user_batches.py`: each user's train,
+validation and test rows) in, one dict of sums out (`statistics.py`), yielded from `process`.
 
 Why here: every per-user figure of the in-process evaluation (the served models' top-k and
 ratings, popularity, EASE, the bias model, slices, coverage, novelty) is computed on one batch
@@ -19,64 +19,23 @@ from apache_beam.utils import shared
 from components.evaluation import metrics as M
 from components.evaluation import statistics as S
 from components.evaluation.baselines import DEFAULT_USER_REG, ease_top_k
+from components.evaluation.user_batches import Batch
 
 DENSE_USERS = 512  # users per dense [users, catalogue] block of the catalogue sums
 
 _MODELS = shared.Shared()
 
 
-class Batch:
-    """One batch of users as numpy columns; `*_rows` index the batch's sorted users."""
-
-    def __init__(self, batch: list) -> None:
-        self.users = np.array(sorted(user for user, _ in batch), dtype=np.int64)
-        parts: dict[str, list] = {"test": [], "train": [], "validation": []}
-        for user, groups in batch:
-            row = int(np.searchsorted(self.users, user))
-            for name, values in groups.items():
-                parts[name] += [(row, *value) for value in values]
-        test = np.array(parts["test"], dtype=np.float64).reshape(-1, 4)
-        train = np.array(parts["train"], dtype=np.float64).reshape(-1, 3)
-        val = np.array(parts["validation"], dtype=np.float64).reshape(-1, 3)
-        self.test_rows, self.test_movies = test[:, 0].astype(np.int64), test[:, 1].astype(np.int64)
-        self.test_ratings, self.test_stars = test[:, 2], test[:, 3]
-        self.train_rows, self.train_movies = (
-            train[:, 0].astype(np.int64),
-            train[:, 1].astype(np.int64),
-        )
-        self.train_ratings = train[:, 2]
-        self.val_rows, self.val_movies = val[:, 0].astype(np.int64), val[:, 1].astype(np.int64)
-        self.val_stars = val[:, 2]
-
-    def train_counts(self) -> np.ndarray:
-        return np.bincount(self.train_rows, minlength=self.users.size)
-
-    def seen(self, row: int) -> np.ndarray:
-        """The movies of the user's train and validation rows (what top-k skips)."""
-        return np.concatenate(
-            [self.train_movies[self.train_rows == row], self.val_movies[self.val_rows == row]]
-        )
-
-    def history(self, rows: np.ndarray, width: int) -> np.ndarray:
-        """Binary [len(rows), width] training history of the given batch rows (EASE's X)."""
-        x = np.zeros((rows.size, width), dtype=np.float64)
-        local = np.full(self.users.size, -1, dtype=np.int64)
-        local[rows] = np.arange(rows.size)
-        keep = local[self.train_rows] >= 0
-        x[local[self.train_rows[keep]], self.train_movies[keep]] = 1.0
-        return x
-
-
-def catalogue_sums(batch: list, width: int, dense: bool, user_reg: float = DEFAULT_USER_REG):
+def catalogue_sums(batch: dict, width: int, dense: bool, user_reg: float = DEFAULT_USER_REG):
     """Catalogue-sized sums of one batch: training counts and raters per movie, rating sums,
     cold-start counts; with `dense` (catalogue within EASE's limit) EASE's Gram X^T X and the
     bias model's sums (`baselines.bias_item_sweeps`)."""
     b = Batch(batch)
     counts = b.train_counts()
-    pairs = np.unique(np.stack([b.train_rows, b.train_movies], 1), axis=0).reshape(-1, 2)
+    first = np.r_[True, np.diff(b.train_rows) != 0] | np.r_[True, np.diff(b.train_movies) != 0]
     out: dict[str, Any] = {
         "item_counts": np.bincount(b.train_movies, minlength=width),
-        "raters": np.bincount(pairs[:, 1], minlength=width),
+        "raters": np.bincount(b.train_movies[first], minlength=width),  # rows sorted by user, movie
         "train_users": int(np.count_nonzero(counts)),
         "rating_sum": float(b.train_ratings.sum()),
         "rating_rows": int(b.train_ratings.size),
@@ -111,7 +70,7 @@ def catalogue_sums(batch: list, width: int, dense: bool, user_reg: float = DEFAU
     return out
 
 
-def bias_sweep_sums(batch: list, item_bias: np.ndarray, mu: float, width: int) -> dict[str, Any]:
+def bias_sweep_sums(batch: dict, item_bias: np.ndarray, mu: float, width: int) -> dict[str, Any]:
     """One alternating sweep of the bias model on a batch (large catalogues, no Gram): the users'
     biases given the movie biases, and per movie the sum of (r - mu - b_user)."""
     b = Batch(batch)
