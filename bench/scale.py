@@ -23,6 +23,7 @@ batch: 1024 was faster than 512 and 2048, and scored slightly better than 2048 a
 """
 
 import argparse
+import multiprocessing
 import os
 import re
 import subprocess
@@ -155,7 +156,13 @@ def bench(
     data = os.path.join(work, f"ml-synthetic-{rows}")
     if not os.path.isfile(os.path.join(data, "ratings.csv")):
         started = time.perf_counter()
-        generate(data, rows)
+        # In a spawned process: a forked stage inherits its parent's RSS as its peak (Linux keeps
+        # the high-water mark across fork and exec), and generating 100M rows takes ~13 GB.
+        writer = multiprocessing.get_context("spawn").Process(target=generate, args=(data, rows))
+        writer.start()
+        writer.join()
+        if writer.exitcode:
+            sys.exit(f"generating {rows:,} rows failed (exit {writer.exitcode})")
         print(f"generated {rows:,} rows in {time.perf_counter() - started:.0f}s", file=sys.stderr)
     a = {
         n: os.path.join(work, f"{n}-{rows}")
