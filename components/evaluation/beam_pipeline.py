@@ -42,6 +42,7 @@ import apache_beam as beam
 import numpy as np
 
 from components import features as F
+from components import storage
 from components.artifacts.examples import load_stats, split_files
 from components.beam_runners import (
     AsRepeatedSingleton,
@@ -68,7 +69,7 @@ from components.evaluation.scoring import (
     bias_sweep_sums,
     catalogue_sums,
 )
-from components.evaluation.user_batches import assemble, cut_by_batch
+from components.evaluation.user_batches import assemble, cut_by_batch, save_batch
 
 BATCH_USERS = 4096  # users per scoring batch (as score_served_model's batches)
 RESULT_FILE = "evaluation-statistics.json"
@@ -82,6 +83,14 @@ DASK_ROUNDS = (
 
 
 CHUNK_ROWS = 262_144  # rows parsed at a time (tf.io.parse_example), ~4 MB of columns
+# GroupByKeys the parts go through (batch % SHUFFLE_GROUPS): DirectRunner's FnApiRunner encodes a
+# GroupByKey's whole input into one buffer when its reader starts, ~3x the shuffled bytes at once;
+# in groups that transient is an eighth of it (7.05 GB peak at 100M ratings in one group).
+SHUFFLE_GROUPS = 8
+
+
+def _in_group(part: tuple[int, Any], group: int) -> bool:
+    return part[0] % SHUFFLE_GROUPS == group
 
 
 class ReadBatchedRowsFn(beam.DoFn):
@@ -205,6 +214,7 @@ def build_graph(
     examples_dir: str,
     settings: dict[str, Any],
     out_path: str,
+    spill_dir: str,
 ):
     """Wire the stages (module docstring); writes one JSON line of summed statistics."""
     stats = load_stats(examples_dir)
@@ -217,12 +227,22 @@ def build_graph(
     if has_validation:
         splits["validation"] = F.VALIDATION_SPLIT
     batch_users = settings["batch"]
-    batches = (
-        [_read(pipeline, name, examples_dir, split, batch_users) for name, split in splits.items()]
-        | "rows" >> beam.Flatten()
-        | "join by batch" >> beam.GroupByKey()
-        | "batch users" >> beam.MapTuple(lambda key, parts: assemble(key, parts, batch_users))
-    )
+    rows = [
+        _read(pipeline, name, examples_dir, split, batch_users) for name, split in splits.items()
+    ] | "rows" >> beam.Flatten()
+    batches = [
+        rows
+        | f"shuffle {group}: select" >> beam.Filter(_in_group, group)
+        | f"shuffle {group}: join by batch" >> beam.GroupByKey()
+        | f"shuffle {group}: batch users"
+        >> beam.MapTuple(
+            lambda key, parts: save_batch(
+                assemble(key, parts, batch_users),
+                storage.join(spill_dir, f"batch-{key:08d}.npz"),
+            )
+        )
+        for group in range(SHUFFLE_GROUPS)
+    ] | "batches" >> beam.Flatten()
     catalogue = (
         batches
         | "catalogue: batch sums" >> beam.Map(catalogue_sums, width, dense)
@@ -306,7 +326,9 @@ def evaluate_beam(
     with tempfile.TemporaryDirectory(prefix="mtrec-eval-beam-") as workdir:
         out_path = os.path.join(workdir, RESULT_FILE)
         with run_pipeline(pipeline_options(runner, beam_args), workdir) as pipeline:
-            build_graph(pipeline, models, examples_dir, settings, out_path)
+            build_graph(
+                pipeline, models, examples_dir, settings, out_path, os.path.join(workdir, "batches")
+            )
         with open(out_path, encoding="utf-8") as handle:
             result = json.loads(handle.read())
     sums = {k: np.asarray(v) if isinstance(v, list) else v for k, v in result["sums"].items()}

@@ -26,7 +26,7 @@ DENSE_USERS = 512  # users per dense [users, catalogue] block of the catalogue s
 _MODELS = shared.Shared()
 
 
-def catalogue_sums(batch: dict, width: int, dense: bool, user_reg: float = DEFAULT_USER_REG):
+def catalogue_sums(batch: dict | str, width: int, dense: bool, user_reg: float = DEFAULT_USER_REG):
     """Catalogue-sized sums of one batch: training counts and raters per movie, rating sums,
     cold-start counts; with `dense` (catalogue within EASE's limit) EASE's Gram X^T X and the
     bias model's sums (`baselines.bias_item_sweeps`)."""
@@ -70,7 +70,9 @@ def catalogue_sums(batch: dict, width: int, dense: bool, user_reg: float = DEFAU
     return out
 
 
-def bias_sweep_sums(batch: dict, item_bias: np.ndarray, mu: float, width: int) -> dict[str, Any]:
+def bias_sweep_sums(
+    batch: dict | str, item_bias: np.ndarray, mu: float, width: int
+) -> dict[str, Any]:
     """One alternating sweep of the bias model on a batch (large catalogues, no Gram): the users'
     biases given the movie biases, and per movie the sum of (r - mu - b_user)."""
     b = Batch(batch)
