@@ -5,8 +5,10 @@ Why: the in-process evaluation held every test user's rows and top-k lists in nu
 25M ratings). Here the train, validation and test rows are read from the examples' TFRecords
 CHUNK_ROWS at a time, each chunk cut into parts by its users' batch (`user // batch`: a fixed
 range of user ids, so a user's rows of every split meet in one batch and are never collected in
-one process; `user_batches.py`), and the parts joined with one GroupByKey over their Flatten;
-each batch goes to DoFns (`scoring.py`) that yield one dict of sums per batch from `process`;
+one process; `user_batches.py`), and the parts joined by batch over their Flatten
+(SHUFFLE_GROUPS GroupByKeys, by `batch % SHUFFLE_GROUPS`); each assembled batch is written to
+the job's workdir (`user_batches.save_batch`) and the PCollection holds its path; each batch goes
+to DoFns (`scoring.py`) that yield one dict of sums per batch from `process`;
 `StatsCombineFn` adds them.
 
 Why keyed batches, not a CoGroupByKey by user and `beam.BatchElements`: BatchElements emits each
@@ -19,8 +21,8 @@ through `beam_runners.read_apart`, without which DaskRunner's side inputs count 
 task's batches more than once. Above EASE's item limit the graph is refused on DaskRunner
 (`DASK_ROUNDS`: the sweeps' chain of side inputs would be recomputed exponentially there).
 
-Stages (a fixed number, no chain that grows with the data): 3 reads, 1 Flatten + GroupByKey
-(by batch); catalogue sums (one global combine: popularity, raters, training mean, cold
+Stages (a fixed number, no chain that grows with the data): 3 reads, 1 Flatten, SHUFFLE_GROUPS
+filters + GroupByKeys (by batch) + spills, 1 Flatten; catalogue sums (one global combine: popularity, raters, training mean, cold
 start, and within EASE's item limit its Gram matrix and the bias model's sums), whose derived
 side inputs are computed once (on DaskRunner, again by each task that reads them); EASE's
 lambda chosen on validation (one ParDo + combine); the scoring ParDo + combine; one write.
@@ -28,7 +30,7 @@ Above EASE's item limit the bias model needs its sweeps as rounds (one ParDo + c
 `n_sweeps` of them, bounded). Memory per worker: one batch of users with their rows plus the
 catalogue-sized side inputs (items^2 for EASE within its limit) and the SavedModel(s); the
 runner itself holds or spills the grouped rows (DirectRunner holds them: the parts' arrays,
-10 to 14 bytes a row).
+10 to 14 bytes a row, ~3x that for one group while it encodes that group's input).
 """
 
 from __future__ import annotations
