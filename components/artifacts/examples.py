@@ -263,8 +263,9 @@ def _parse_columns(files: list[str], batch_size: int) -> dict[str, np.ndarray]:
     columns = {
         name: np.concatenate(values) if values else np.zeros(0) for name, values in parts.items()
     }
-    columns[F.USER_ID] = columns[F.USER_ID].astype(np.int32)
-    columns[F.MOVIE_ID] = columns[F.MOVIE_ID].astype(np.int32)
+    # iter_columns already cast the chunks; this only types the empty split's columns.
+    columns[F.USER_ID] = columns[F.USER_ID].astype(np.int32, copy=False)
+    columns[F.MOVIE_ID] = columns[F.MOVIE_ID].astype(np.int32, copy=False)
     return columns
 
 
